@@ -1,0 +1,1 @@
+"""Config presets, importable as `llada_jax.configs` once the package is installed."""

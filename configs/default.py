@@ -1,0 +1,110 @@
+"""All llada_jax config fields with their defaults, and the named presets.
+
+Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b, or through
+the one-preset files beside it (`configs/demo.py`, ...). Override any field on the command line:
+`--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
+"""
+
+import ml_collections
+
+VARIANTS = ("tiny", "demo", "llada_1b", "llada_8b")
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 1024        # rows of the embedding / columns of the output head (>= tokenizer size)
+  m.d_model = 128            # residual width
+  m.num_layers = 2           # Transformer blocks
+  m.num_heads = 4            # query heads; head_dim = d_model // num_heads
+  m.num_kv_heads = 4         # key/value heads (grouped-query attention when < num_heads)
+  m.mlp_dim = 256            # SwiGLU hidden width
+  m.max_seq_len = 4096       # longest sequence the config accepts
+  m.rope_theta = 500000.0    # RoPE base (LLaDA: 500000)
+  m.norm_eps = 1e-5          # RMSNorm epsilon
+  m.init_std = 0.02          # std of the normal initialiser of every matrix
+  m.causal = False           # True: autoregressive baseline (causal mask); needs diffusion.objective='ar'
+  m.scan_layers = True       # lax.scan over stacked layers (fast compiles) vs an unrolled Python loop
+  m.remat_policy = "none"    # activation rematerialisation: none | full | dots | dots_no_batch
+  m.dtype = "bfloat16"       # compute dtype (softmax, norms, RoPE and losses always run in float32)
+  m.param_dtype = "float32"  # parameter and optimizer-state dtype
+
+  c.diffusion = d = ml_collections.ConfigDict()
+  d.objective = "pretrain"   # pretrain (masked diffusion) | sft (prompt never masked) | ar (next token)
+  d.mask_token_id = 4        # id of the mask token M; 4 for the built-in sentencepiece tokenizer
+  d.noise_eps = 1e-3         # masking probability p = (1 - eps) * t + eps, t ~ U(0, 1)
+  d.random_length_prob = 0.01  # fraction of batches cropped to a random length (REFERENCE §2)
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.peak_lr = 4e-4           # learning rate after warmup
+  o.warmup_steps = 100       # linear warmup 0 -> peak_lr
+  o.stage2_steps = 0         # steps at peak_lr * stage2_lr_ratio after the stable phase
+  o.stage2_lr_ratio = 0.25   # LLaDA: 4e-4 -> 1e-4
+  o.decay_steps = 0          # final linear decay to peak_lr * final_lr_ratio
+  o.final_lr_ratio = 0.025   # LLaDA: 1e-5 / 4e-4
+  o.weight_decay = 0.1       # AdamW decoupled weight decay
+  o.no_decay_patterns = ("norm", "embedding")  # params whose path contains one of these skip decay
+  o.b1 = 0.9                 # Adam beta1
+  o.b2 = 0.95                # Adam beta2
+  o.adam_eps = 1e-8          # Adam epsilon
+  o.grad_clip_norm = 1.0     # global-norm clipping threshold; 0 disables clipping
+
+  c.data = da = ml_collections.ConfigDict()
+  da.source = "procedural"   # the built-in corpus (llada_jax/data/corpus.py)
+  da.num_documents = 20000   # documents generated for the built-in corpus
+  da.corpus_seed = 0         # seed of the corpus generator
+  da.tokenizer_vocab_size = 1024  # sentencepiece vocabulary trained on the corpus
+  da.shuffle_seed = 0        # seed of the grain shuffle
+
+  c.mesh = me = ml_collections.ConfigDict()
+  me.data = 1                # data-parallel axis size (-1: the rest of the devices)
+  me.fsdp = -1               # fully-sharded data-parallel axis size
+  me.tensor = 1              # tensor-parallel axis size
+  me.rules = (               # logical axis -> mesh axes (default: DP + FSDP)
+      ("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"), ("heads", "tensor"),
+      ("kv", None), ("mlp", "tensor"), ("vocab", "tensor"), ("layers", None), ("norm", None))
+
+  c.train = t = ml_collections.ConfigDict()
+  t.seed = 0                 # root PRNG seed (params, masks: fold_in(key, step))
+  t.batch_size = 8           # global batch, in sequences
+  t.seq_len = 128            # tokens per sequence
+  t.num_steps = 1000         # optimizer steps
+  t.grad_accum_steps = 1     # micro-batches per step (batch_size must divide evenly)
+  t.log_every = 10           # steps between metric lines
+  t.checkpoint_every = 500   # steps between checkpoints (and one at the end)
+  t.max_to_keep = 3          # checkpoints kept on disk
+  t.async_checkpointing = True  # write checkpoints in the background
+  t.num_samples = 4          # completions printed at the end of training (0: none)
+  t.sample_steps = 32        # reverse-process steps for those samples
+  t.sample_length = 32       # tokens generated per sample
+  return c
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant must be one of {VARIANTS}; got {variant!r}")
+  c = base()
+  if variant == "tiny":  # unit and end-to-end tests: seconds on one CPU core
+    c.model.update(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                   dtype="float32")
+    c.data.update(num_documents=400, tokenizer_vocab_size=256)
+    c.train.update(batch_size=8, seq_len=32, num_steps=20, log_every=5, checkpoint_every=10,
+                   num_samples=1, sample_steps=4, sample_length=8)
+    c.optim.update(warmup_steps=5, peak_lr=3e-3)
+  elif variant == "demo":  # README command: a few minutes on a 2-core CPU
+    c.model.update(vocab_size=512, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=768)
+    c.data.update(num_documents=20000, tokenizer_vocab_size=512)
+    c.train.update(batch_size=32, seq_len=128, num_steps=600, log_every=25, checkpoint_every=200,
+                   num_samples=4, sample_steps=32, sample_length=32)
+    c.optim.update(peak_lr=2e-3, warmup_steps=50, decay_steps=120)
+  elif variant in ("llada_1b", "llada_8b"):  # the paper's shapes (REFERENCE §1), released tokenizer ids
+    big = variant == "llada_8b"
+    c.model.update(vocab_size=126464, d_model=4096 if big else 2048, num_layers=32 if big else 22,
+                   num_heads=32, num_kv_heads=32 if big else 4, mlp_dim=12288 if big else 5634,
+                   remat_policy="full")
+    c.diffusion.mask_token_id = 126336
+    c.data.tokenizer_vocab_size = 32000
+    c.train.update(batch_size=1280, seq_len=4096, num_steps=500000, checkpoint_every=1000)
+    c.optim.update(peak_lr=4e-4, warmup_steps=2000)
+  return c

@@ -1,0 +1,76 @@
+"""Orbax checkpoints: one step = {train state, data iterator, config}. The only module that calls Orbax.
+
+Saves are asynchronous (training continues while the previous step is written) and atomic (Orbax writes
+to a temporary directory and renames it when complete), so a crash mid-save leaves the last complete
+step intact. Restores go into an abstract target that carries the *current* mesh's shardings, so a run
+can resume on a different device layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the item layout this package uses."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, data_iterator: grain.DatasetIterator | None,
+           config: dict[str, Any], force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any, *,
+              data_iterator: grain.DatasetIterator | None = None) -> Any:
+    """Restores the train state into `abstract_state`'s shapes/shardings; the iterator in place."""
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
+                              f"(available: {self.all_steps() or 'none'})")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(f"checkpoint step {step} in {self.directory} could not be restored into the "
+                       f"current config: {e}") from e
+    return restored["state"]
+
+  def restore_config(self, step: int) -> dict[str, Any]:
+    path = os.path.join(self.directory, str(step), "config", "metadata")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"checkpoint config not found: {path}")
+    with open(path) as f:
+      return json.load(f)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` placed with `shardings` (a concrete mesh: Orbax needs one)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,316 @@
+"""Frozen, validated configuration.
+
+Config files (`configs/*.py`) build an `ml_collections.ConfigDict`; `from_config_dict` turns it, once,
+into the frozen dataclasses below. Every `__post_init__` rejects a bad value with a `ValueError` that
+names the field (as `section.field`) and the allowed range, so a typo on a command line fails before any
+device work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+OBJECTIVES = ("pretrain", "sft", "ar")
+
+
+def _fail(field: str, allowed: str, value: Any) -> None:
+  raise ValueError(f"config field '{field}' must be {allowed}; got {value!r}")
+
+
+def _check_int(section: str, name: str, value: Any, lo: int, hi: int | None = None) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    rng = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    _fail(f"{section}.{name}", rng, value)
+
+
+def _check_float(section: str, name: str, value: Any, lo: float, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+  if not ok:
+    left = "(" if lo_open else "["
+    right = f"{hi}]" if hi is not None else "inf)"
+    _fail(f"{section}.{name}", f"a number in {left}{lo}, {right}", value)
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    _fail(f"{section}.{name}", f"one of {choices}", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The Transformer (REFERENCE §1). `head_dim` is derived: d_model // num_heads."""
+
+  vocab_size: int = 1024
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  mlp_dim: int = 256
+  max_seq_len: int = 4096
+  rope_theta: float = 500000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  causal: bool = False
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    s = "model"
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+      _check_int(s, name, getattr(self, name), 1)
+    if self.d_model % self.num_heads:
+      _fail(f"{s}.num_heads", f"a divisor of model.d_model={self.d_model}", self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      _fail(f"{s}.num_kv_heads", f"a divisor of model.num_heads={self.num_heads}", self.num_kv_heads)
+    if self.head_dim % 2:
+      _fail(f"{s}.num_heads", "such that head_dim = d_model // num_heads is even (RoPE rotates pairs)",
+            self.num_heads)
+    _check_float(s, "rope_theta", self.rope_theta, 1.0, lo_open=True)
+    _check_float(s, "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+    _check_float(s, "init_std", self.init_std, 0.0, 1.0, lo_open=True)
+    _check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice(s, "dtype", self.dtype, _DTYPES)
+    _check_choice(s, "param_dtype", self.param_dtype, _DTYPES)
+    for name in ("causal", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(f"{s}.{name}", "True or False", getattr(self, name))
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  """Forward process and objective (REFERENCE §2-3)."""
+
+  objective: str = "pretrain"
+  mask_token_id: int = 4
+  noise_eps: float = 1e-3
+  random_length_prob: float = 0.01
+
+  def __post_init__(self):
+    s = "diffusion"
+    _check_choice(s, "objective", self.objective, OBJECTIVES)
+    _check_int(s, "mask_token_id", self.mask_token_id, 0)
+    _check_float(s, "noise_eps", self.noise_eps, 0.0, 1.0, lo_open=True)
+    _check_float(s, "random_length_prob", self.random_length_prob, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with a Warmup-Stable-Decay schedule (REFERENCE §6).
+
+  Phases, in steps: linear warmup 0 -> peak_lr; hold peak_lr; `stage2_steps` at
+  `peak_lr * stage2_lr_ratio`; linear decay over `decay_steps` to `peak_lr * final_lr_ratio`. The stable
+  phase takes whatever `train.num_steps` leaves over.
+  """
+
+  peak_lr: float = 4e-4
+  warmup_steps: int = 2000
+  stage2_steps: int = 0
+  stage2_lr_ratio: float = 0.25
+  decay_steps: int = 0
+  final_lr_ratio: float = 0.025
+  weight_decay: float = 0.1
+  no_decay_patterns: tuple[str, ...] = ("norm", "embedding")
+  b1: float = 0.9
+  b2: float = 0.95
+  adam_eps: float = 1e-8
+  grad_clip_norm: float = 1.0
+
+  def __post_init__(self):
+    s = "optim"
+    _check_float(s, "peak_lr", self.peak_lr, 0.0, 1.0, lo_open=True)
+    for name in ("warmup_steps", "stage2_steps", "decay_steps"):
+      _check_int(s, name, getattr(self, name), 0)
+    for name in ("stage2_lr_ratio", "final_lr_ratio"):
+      _check_float(s, name, getattr(self, name), 0.0, 1.0)
+    _check_float(s, "weight_decay", self.weight_decay, 0.0, 10.0)
+    for name in ("b1", "b2"):
+      _check_float(s, name, getattr(self, name), 0.0, 1.0)
+    _check_float(s, "adam_eps", self.adam_eps, 0.0, 1.0, lo_open=True)
+    _check_float(s, "grad_clip_norm", self.grad_clip_norm, 0.0)  # 0 disables clipping
+    if not all(isinstance(p, str) for p in self.no_decay_patterns):
+      _fail(f"{s}.no_decay_patterns", "a tuple of strings", self.no_decay_patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where batches come from. `procedural` is the built-in corpus (llada_jax.data.corpus)."""
+
+  source: str = "procedural"
+  num_documents: int = 20000
+  corpus_seed: int = 0
+  tokenizer_vocab_size: int = 1024
+  shuffle_seed: int = 0
+
+  def __post_init__(self):
+    s = "data"
+    _check_choice(s, "source", self.source, ("procedural",))
+    _check_int(s, "num_documents", self.num_documents, 1)
+    _check_int(s, "corpus_seed", self.corpus_seed, 0)
+    _check_int(s, "tokenizer_vocab_size", self.tokenizer_vocab_size, 64)
+    _check_int(s, "shuffle_seed", self.shuffle_seed, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ('data', 'fsdp', 'tensor'); -1 means "all devices the other axes leave".
+
+  `rules` maps logical axis names (on parameters and activations) to mesh axes; the default is
+  data parallel + FSDP: batches split over data*fsdp, parameters over fsdp along their 'embed' axis.
+  """
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: tuple[tuple[str, Any], ...] = (
+      ("batch", ("data", "fsdp")),
+      ("length", None),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("layers", None),
+      ("norm", None),
+  )
+
+  def __post_init__(self):
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for name, v in sizes.items():
+      if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+        _fail(f"mesh.{name}", "a positive integer or -1 (the rest of the devices)", v)
+    if sum(v == -1 for v in sizes.values()) > 1:
+      _fail("mesh", "a shape with at most one -1 among data/fsdp/tensor", sizes)
+    known = {"data", "fsdp", "tensor", None}
+    for rule in self.rules:
+      if len(rule) != 2 or not isinstance(rule[0], str):
+        _fail("mesh.rules", "pairs (logical_name, mesh_axis or tuple of mesh axes or None)", rule)
+      targets = rule[1] if isinstance(rule[1], tuple) else (rule[1],)
+      if any(t not in known for t in targets):
+        _fail("mesh.rules", f"mesh axes from {sorted(k for k in known if k)} or None", rule)
+
+  def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+    """Resolves -1 against `num_devices`; raises if the shape does not match the device count."""
+    sizes = [self.data, self.fsdp, self.tensor]
+    fixed = 1
+    for v in sizes:
+      fixed *= v if v != -1 else 1
+    if -1 in sizes:
+      if num_devices % fixed:
+        _fail("mesh", f"a shape whose fixed axes divide the {num_devices} devices",
+              dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor))
+      sizes[sizes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+      _fail("mesh", f"a shape with data*fsdp*tensor == {num_devices} (the device count)",
+            dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor))
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: sizes, logging and checkpointing cadence."""
+
+  seed: int = 0
+  batch_size: int = 8
+  seq_len: int = 128
+  num_steps: int = 100
+  grad_accum_steps: int = 1
+  log_every: int = 10
+  checkpoint_every: int = 100
+  max_to_keep: int = 3
+  async_checkpointing: bool = True
+  num_samples: int = 4
+  sample_steps: int = 32
+  sample_length: int = 32
+
+  def __post_init__(self):
+    s = "train"
+    _check_int(s, "seed", self.seed, 0)
+    for name in ("batch_size", "seq_len", "num_steps", "grad_accum_steps", "log_every",
+                 "checkpoint_every", "max_to_keep", "sample_steps", "sample_length"):
+      _check_int(s, name, getattr(self, name), 1)
+    _check_int(s, "num_samples", self.num_samples, 0)
+    if self.batch_size % self.grad_accum_steps:
+      _fail(f"{s}.grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}", self.grad_accum_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  def __post_init__(self):
+    m, t, o = self.model, self.train, self.optim
+    if self.diffusion.mask_token_id >= m.vocab_size:
+      _fail("diffusion.mask_token_id", f"an id inside the vocabulary, in [0, {m.vocab_size - 1}]",
+            self.diffusion.mask_token_id)
+    if t.seq_len > m.max_seq_len:
+      _fail("train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len)
+    if self.data.tokenizer_vocab_size > m.vocab_size:
+      _fail("data.tokenizer_vocab_size", f"at most model.vocab_size={m.vocab_size}",
+            self.data.tokenizer_vocab_size)
+    if o.warmup_steps + o.stage2_steps + o.decay_steps > t.num_steps:
+      _fail("optim.warmup_steps", f"such that warmup+stage2+decay steps <= train.num_steps={t.num_steps}",
+            (o.warmup_steps, o.stage2_steps, o.decay_steps))
+    if (self.diffusion.objective == "ar") != m.causal:
+      _fail("model.causal", "True exactly when diffusion.objective == 'ar'", m.causal)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
+    "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
+}
+
+
+def _freeze(value: Any) -> Any:
+  """Lists from JSON / ConfigDict become tuples so the dataclasses stay hashable and frozen."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+def from_config_dict(d: Mapping[str, Any]) -> Config:
+  """Builds a validated `Config` from a (possibly nested ml_collections) mapping.
+
+  Unknown sections or fields are errors, not silently ignored: they are usually typos.
+  """
+  if hasattr(d, "to_dict"):
+    d = d.to_dict()
+  unknown = set(d) - set(_SECTION_TYPES)
+  if unknown:
+    raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTION_TYPES)}")
+  sections = {}
+  for name, cls in _SECTION_TYPES.items():
+    values = dict(d.get(name, {}))
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = set(values) - names
+    if bad:
+      raise ValueError(f"unknown config field(s) {sorted(f'{name}.{b}' for b in bad)}; "
+                       f"known fields of '{name}': {sorted(names)}")
+    sections[name] = cls(**{k: _freeze(v) for k, v in values.items()})
+  return Config(**sections)
+
+
+def from_json(text: str) -> Config:
+  return from_config_dict(json.loads(text))

@@ -1,0 +1,83 @@
+"""Tokenizers behind one small interface; today a sentencepiece model trained in-process.
+
+The built-in tokenizer fixes its special ids: pad 0, EOS 1, BOS 2, unk 3, mask `<|mask|>` 4 (the
+`diffusion.mask_token_id` default), then a newline piece so couplets keep their line break.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+MASK_PIECE = "<|mask|>"
+PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model plus the special ids the rest of the package needs."""
+
+  def __init__(self, model_proto: bytes):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.model_proto = model_proto
+    self.pad_id = self._sp.pad_id()
+    self.eos_id = self._sp.eos_id()
+    self.bos_id = self._sp.bos_id()
+    self.mask_id = self._sp.piece_to_id(MASK_PIECE)
+    if self.mask_id == self._sp.unk_id():
+      raise ValueError(f"tokenizer has no mask piece {MASK_PIECE!r}")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def save(self, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write(self.model_proto)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer behind
+
+  @classmethod
+  def load(cls, path: str) -> "SentencePieceTokenizer":
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      return cls(data)
+    except RuntimeError as e:
+      raise ValueError(f"tokenizer file {path} is not a valid sentencepiece model: {e}") from e
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model in memory (no files, no network)."""
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+      user_defined_symbols=[MASK_PIECE, "\n"], normalization_rule_name="identity",
+      remove_extra_whitespaces=False, character_coverage=1.0, split_digits=True, byte_fallback=False,
+      hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  tok = SentencePieceTokenizer(buf.getvalue())
+  assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.mask_id) == (PAD_ID, EOS_ID, BOS_ID, MASK_ID)
+  return tok
+
+
+def load_or_train(workdir: str, sentences_fn, vocab_size: int) -> SentencePieceTokenizer:
+  """Reuses `workdir/tokenizer.model` if present (resume), else trains one and saves it there."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    return SentencePieceTokenizer.load(path)
+  tok = train_sentencepiece(sentences_fn(), vocab_size)
+  os.makedirs(workdir, exist_ok=True)
+  tok.save(path)
+  return tok

@@ -1,0 +1,95 @@
+"""Metric sinks (metrics.jsonl, TensorBoard event files, a progress line) and model-FLOPs accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+
+from llada_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor spec sheets). Unknown devices
+# (CPUs included) report no MFU rather than a made-up one.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H200": 989e12, "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs per trained token, forward + backward (3x forward).
+
+  Forward: 2 FLOPs per multiply-add of every matrix (attention projections, SwiGLU, output head; the
+  embedding lookup is free) plus attention scores and values, 2 * 2 * seq_len * num_heads * head_dim per
+  layer. Attention is bidirectional, so the full L^2 term is counted; the causal baseline is counted the
+  same way (what the hardware computes without a causal kernel).
+  """
+  d, h, f = cfg.d_model, cfg.head_dim, cfg.mlp_dim
+  per_layer = d * h * (cfg.num_heads * 2 + cfg.num_kv_heads * 2) + 3 * d * f
+  matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
+  attention = cfg.num_layers * 4 * seq_len * cfg.num_heads * h
+  return 3 * (2 * matmul_params + attention)
+
+
+class MetricsWriter:
+  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard; only process 0 writes anything."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """One line per log step: step, metrics, throughput and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int = 0):
+    self.total, self.start, self.t0 = total_steps, start_step, time.time()
+
+  def line(self, step: int, scalars: Mapping[str, float]) -> str:
+    done = max(step - self.start, 1)
+    elapsed = time.time() - self.t0
+    eta = elapsed / done * (self.total - step)
+    fields = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+    return f"step {step}/{self.total} {fields} elapsed={elapsed:.0f}s eta={eta:.0f}s"
+
+  def print(self, step: int, scalars: Mapping[str, float]) -> None:
+    if jax.process_index() == 0:
+      print(self.line(step, scalars), file=sys.stdout, flush=True)
+
+
+def _fmt(v: float) -> str:
+  return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"

@@ -1,0 +1,159 @@
+"""The LLaDA Transformer (REFERENCE §1) in Flax NNX.
+
+A pre-norm "llama" Transformer with *bidirectional* attention (a key-padding mask only), RMSNorm and RoPE
+in float32, SwiGLU, no biases, an untied output head and optional grouped-query attention. No timestep
+input: the model sees the partially masked sequence and predicts every original token. `causal=True`
+turns the same network into the autoregressive baseline.
+
+Layers are stored stacked on a leading 'layers' axis (one parameter layout for both execution modes);
+`scan_layers` chooses `lax.scan` over that axis (fast compiles, remat per layer) or an unrolled loop.
+Hot paths use the model functionally: `nnx.split` once, then `apply(graphdef, params, ...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llada_jax import sharding
+from llada_jax.config import ModelConfig
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """`x * rsqrt(mean(x^2) + eps) * weight`, computed in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Half-rotation (GPT-NeoX) RoPE in float32: x*cos + rotate_half(x)*sin, rotate_half = [-x2, x1]."""
+  head_dim = x_BTNH.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(angles_BTH) + rotated * jnp.sin(angles_BTH)).astype(x_BTNH.dtype)
+
+
+def _normal(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...]) -> jax.Array:
+  return cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm block: attention then SwiGLU, each with a residual connection."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    ones = lambda: jnp.ones((d,), jnp.dtype(cfg.param_dtype))
+    self.attn_norm = sharding.param(ones(), ("norm",))
+    self.q_proj = sharding.param(_normal(rngs, cfg, (d, n, h)), ("embed", "heads", "kv"))
+    self.k_proj = sharding.param(_normal(rngs, cfg, (d, k, h)), ("embed", "heads", "kv"))
+    self.v_proj = sharding.param(_normal(rngs, cfg, (d, k, h)), ("embed", "heads", "kv"))
+    self.attn_out = sharding.param(_normal(rngs, cfg, (n, h, d)), ("heads", "kv", "embed"))
+    self.ff_norm = sharding.param(ones(), ("norm",))
+    self.ff_gate = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
+    self.ff_up = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
+    self.ff_down = sharding.param(_normal(rngs, cfg, (f, d)), ("mlp", "embed"))
+    self.cfg = cfg
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_B11T: jax.Array | None) -> jax.Array:
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    w = lambda p: p[...].astype(dt)
+    y_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)
+    q_BTNH = rope(jnp.einsum("btd,dnh->btnh", y_BTD, w(self.q_proj)), positions_BT, cfg.rope_theta)
+    k_BTKH = rope(jnp.einsum("btd,dkh->btkh", y_BTD, w(self.k_proj)), positions_BT, cfg.rope_theta)
+    v_BTKH = jnp.einsum("btd,dkh->btkh", y_BTD, w(self.v_proj))
+    q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
+    # jax.nn.dot_product_attention handles GQA (N a multiple of K) and scales by 1/sqrt(head_dim);
+    # its XLA path runs the softmax in float32.
+    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B11T, is_causal=cfg.causal)
+    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out))
+    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
+
+    y_BTD = rms_norm(x_BTD, self.ff_norm[...], cfg.norm_eps)
+    gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", y_BTD, w(self.ff_gate)))
+    up_BTF = jnp.einsum("btd,df->btf", y_BTD, w(self.ff_up))
+    h_BTF = sharding.constrain(gate_BTF * up_BTF, ("batch", "length", "mlp"))
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", h_BTF, w(self.ff_down))
+    return sharding.constrain(x_BTD, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] (+ optional key-padding mask [B, T]) -> logits [B, T, V] in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedding = sharding.param(_normal(rngs, cfg, (cfg.vocab_size, cfg.d_model)), ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(r: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=r)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = sharding.param(jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype)), ("norm",))
+    self.lm_head = sharding.param(_normal(rngs, cfg, (cfg.d_model, cfg.vocab_size)), ("embed", "vocab"))
+
+  def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
+    """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
+
+    Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
+    """
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, T = tokens_BT.shape
+    x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dt)
+    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_B11T = None if valid_BT is None else valid_BT[:, None, None, :].astype(bool)
+
+    block_def, block_state = nnx.split(self.blocks)
+
+    def layer(x, layer_state):
+      return nnx.merge(block_def, layer_state)(x, positions_BT, mask_B11T), None
+
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_BTD, _ = jax.lax.scan(layer, x_BTD, block_state)
+    else:
+      for i in range(cfg.num_layers):
+        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], block_state))
+
+    x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dt))
+    return sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and abstract (ShapeDtypeStruct) state, without allocating any parameter."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh parameters as a pure nested dict (jit this with out_shardings to place them sharded)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=rng)), nnx.Param))
+
+
+def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
+          valid_BT: jax.Array | None = None) -> jax.Array:
+  """Functional forward pass over a pure-dict parameter tree."""
+  return nnx.merge(graphdef, params)(tokens_BT, valid_BT)
+
+
+def count_params(params: Any) -> int:
+  """Number of parameters in a (concrete or abstract) parameter tree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,103 @@
+"""Meshes, logical axis rules, and shardings for parameters, optimizer state and batches.
+
+The only module that knows how Flax spells sharding metadata (`out_sharding`, `eager_sharding`) and how
+the mesh is laid out. The model names axes logically ('batch', 'length', 'embed', 'heads', 'kv', 'mlp',
+'vocab', 'layers', 'norm'); `MeshConfig.rules` maps those names onto the mesh axes
+('data', 'fsdp', 'tensor').
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from llada_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axes (GSPMD-style propagation)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = cfg.axis_sizes(len(devices))
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                           axis_types=(AxisType.Auto,) * 3)
+
+
+def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+  """An `nnx.Param` annotated with logical axis names.
+
+  Eager sharding is off: parameters are created abstractly (or on one device in tests) and placed by
+  `jax.jit(..., out_shardings=...)`, so Flax must not try to shard them at construction.
+  """
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+@contextlib.contextmanager
+def use_rules(cfg: MeshConfig, mesh: jax.sharding.Mesh) -> Iterator[None]:
+  """Activates `mesh` and the logical rules for tracing: `constrain` and `logical_spec` read them."""
+  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(cfg.rules):
+    yield
+
+
+def logical_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]] | None = None) -> P:
+  """Logical axis names -> PartitionSpec over mesh axes. A mesh axis is used at most once per spec."""
+  rules = dict(flax_spmd.get_logical_axis_rules() if rules is None else rules)
+  used: set[str] = set()
+  out = []
+  for name in names:
+    target = rules.get(name) if name is not None else None
+    axes = target if isinstance(target, tuple) else ((target,) if target else ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op outside `use_rules`."""
+  if not flax_spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(names))
+
+
+def _var_names(v: nnx.Variable) -> tuple[str | None, ...]:
+  names = v.get_metadata().get("out_sharding")
+  return tuple(names) if names else (None,) * len(v.shape)
+
+
+def param_logical_axes(abstract_state: nnx.State) -> dict:
+  """Pure dict (same tree as the params) of logical axis-name tuples."""
+  return nnx.to_pure_dict(jax.tree.map(
+      lambda v: v.replace(_var_names(v)), abstract_state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def tree_shardings(logical_axes: Any, cfg: MeshConfig, mesh: jax.sharding.Mesh) -> Any:
+  """Maps a tree of logical-name tuples to NamedShardings on `mesh` (concrete: Orbax can use them)."""
+  return jax.tree.map(lambda names: NamedSharding(mesh, logical_spec(names, cfg.rules)), logical_axes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(cfg: MeshConfig, mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, length, ...] input array."""
+  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), cfg.rules))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(cfg: MeshConfig, mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch dimension is split; global batches must be a multiple of it."""
+  spec = logical_spec(("batch",), cfg.rules)[0]
+  axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

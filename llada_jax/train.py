@@ -1,0 +1,273 @@
+"""The training step (pure, jitted, sharded) and the loop around it.
+
+`train_step(state, batch, rng) -> (state, metrics)` is a pure function: the per-step key is
+`fold_in(rng, state.step)`, so a resumed run draws the same masks as an uninterrupted one. The loop owns
+the side effects: data, checkpoints, metrics and the samples printed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from llada_jax import checkpoint as ckpt_lib
+from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, sampling, sharding
+from llada_jax.config import Config
+from llada_jax.data import corpus, pipeline, tokenizer as tokenizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run: the jitted step and the shardings it was compiled for."""
+
+  config: Config
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: TrainState       # ShapeDtypeStructs carrying the shardings of this mesh
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  init: Callable[[jax.Array], TrainState]
+  step: Callable[..., tuple[TrainState, dict]]
+
+
+def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, diffusion.LossOutput]:
+  d = config.diffusion
+  logits_fn = lambda tokens_BL, valid_BL: model_lib.apply(graphdef, params, tokens_BL, valid_BL)
+  tokens_BL = batch["tokens"]
+  if d.objective == "pretrain":
+    out = diffusion.pretrain_objective(logits_fn, rng, tokens_BL=tokens_BL, mask_id=d.mask_token_id,
+                                       eps=d.noise_eps, random_length_prob=d.random_length_prob)
+  elif d.objective == "sft":
+    out = diffusion.sft_objective(logits_fn, rng, tokens_BL=tokens_BL, prompt_len_B=batch["prompt_len"],
+                                  mask_id=d.mask_token_id, eps=d.noise_eps)
+  else:
+    out = diffusion.ar_objective(logits_fn, tokens_BL=tokens_BL)
+  return out.loss, out
+
+
+def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """The pure step. With `grad_accum_steps` > 1 the batch is split into micro-batches that a
+  `lax.scan` runs one after another, averaging gradients before the single optimizer update."""
+  accum = config.train.grad_accum_steps
+  grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r), has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(rng, state.step)
+    if accum == 1:
+      (loss, out), grads = grad_fn(state.params, batch, step_rng)
+      num_masked, num_correct = out.num_masked, out.num_correct
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        acc_g, acc_l, acc_n, acc_c = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_n + o.num_masked, acc_c + o.num_correct), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+      (grads, loss, num_masked, num_correct), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "masked_accuracy": num_correct / jnp.maximum(num_masked, 1),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """Builds the mesh, abstract state, shardings and the jitted init and step functions."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  divisor = sharding.batch_divisor(config.mesh, mesh)
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  if micro % divisor:
+    raise ValueError(f"config field 'train.batch_size'={config.train.batch_size} (micro-batch {micro}) must "
+                     f"be a multiple of the {divisor} devices the batch is split over")
+  graphdef, abstract_model_state = model_lib.abstract_model(config.model)
+  param_shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract_model_state), config.mesh, mesh)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  abstract_params = nnx.to_pure_dict(abstract_model_state)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
+  abstract_state = ckpt_lib.abstract_like(
+      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
+      state_shardings)
+
+  def init_fn(rng: jax.Array) -> TrainState:
+    params = model_lib.init_params(config.model, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  batch_sh = sharding.batch_sharding(config.mesh, mesh)
+  with sharding.use_rules(config.mesh, mesh):
+    init = jax.jit(init_fn, out_shardings=state_shardings)
+    step = jax.jit(make_train_step(config, graphdef, tx, schedule),
+                   in_shardings=(state_shardings, batch_sh, repl), out_shardings=(state_shardings, repl),
+                   donate_argnums=0)
+  return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step)
+
+
+def root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
+  """(parameter-init key, per-step key) from the config seed."""
+  params_key, step_key = jax.random.split(jax.random.key(config.train.seed))
+  return params_key, step_key
+
+
+def global_batch(s: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Host-local numpy rows -> one global array per field, sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(s.config.mesh, s.mesh, np.ndim(v)), v) for k, v in host_batch.items()}
+
+
+def run_steps(s: Setup, state: TrainState, batches, rng: jax.Array, num_steps: int) -> tuple[TrainState, list]:
+  """Runs `num_steps` steps without logging (tests, benchmarks); returns the state and host metrics."""
+  history = []
+  with sharding.use_rules(s.config.mesh, s.mesh):
+    for _ in range(num_steps):
+      state, m = s.step(state, global_batch(s, next(batches)), rng)
+      history.append(m)
+  return state, jax.device_get(history)
+
+
+def _check_tokenizer(config: Config, tok) -> None:
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"config field 'model.vocab_size'={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {tok.vocab_size} pieces")
+  if tok.mask_id != config.diffusion.mask_token_id:
+    raise ValueError(f"config field 'diffusion.mask_token_id'={config.diffusion.mask_token_id} does not "
+                     f"match the tokenizer's mask id {tok.mask_id}")
+
+
+def _check_resume_config(config: Config, saved: dict, where: str) -> None:
+  for section in ("model",):
+    for key, value in saved.get(section, {}).items():
+      now = getattr(getattr(config, section), key)
+      if key in ("remat_policy", "scan_layers", "dtype"):
+        continue  # execution choices: a run may resume with different ones
+      if (list(now) if isinstance(now, tuple) else now) != value:
+        raise ValueError(f"config field '{section}.{key}'={now!r} differs from {value!r} in the checkpoint "
+                         f"at {where}; use a new --workdir or the checkpoint's value")
+
+
+def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint), then prints samples.
+
+  `stop_at` ends the run early, with a checkpoint, after that step, as a preempted job would; the
+  schedule still follows `train.num_steps`, so a later call resumes exactly where this one stopped.
+  Returns a summary: final step, last logged metrics, wall time, samples and the final state.
+  """
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  docs = corpus.generate_documents(config.data.num_documents, config.data.corpus_seed)
+  tok = tokenizer_lib.load_or_train(workdir, lambda: corpus.iter_sentences(docs),
+                                    config.data.tokenizer_vocab_size)
+  _check_tokenizer(config, tok)
+  s = setup(config)
+  data_iter = pipeline.make_train_iterator(config, docs, tok)
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                               async_save=config.train.async_checkpointing)
+  params_key, step_key = root_keys(config)
+  start = ckpt.latest_step()
+  if start is not None:
+    _check_resume_config(config, ckpt.restore_config(start), ckpt.directory)
+    state = ckpt.restore(start, s.abstract_state, data_iterator=data_iter)
+    print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+  else:
+    start = 0
+    state = s.init(params_key)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json())
+
+  writer = metrics_lib.MetricsWriter(workdir)
+  progress = metrics_lib.Progress(config.train.num_steps, start)
+  tokens_per_step = config.train.batch_size * config.train.seq_len
+  flops_per_step = metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
+  peak = metrics_lib.peak_flops_per_device()
+  end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
+  pending, last, t_log, steps_since = None, {}, time.time(), 0
+  with sharding.use_rules(config.mesh, s.mesh):
+    for step in range(start, end):
+      state, m = s.step(state, global_batch(s, next(data_iter)), step_key)
+      steps_since += 1
+      # Metrics are fetched one step late, after the next step is dispatched, so the host never waits.
+      if pending is not None:
+        last = _log(pending, writer, progress, t_log, steps_since - 1, tokens_per_step, flops_per_step, peak, s)
+        t_log, steps_since, pending = time.time(), 1, None
+      if (step + 1) % config.train.log_every == 0 or step + 1 == end:
+        pending = (step + 1, m)
+      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == end:
+        ckpt.save(step + 1, state, data_iterator=data_iter, config=config.to_dict())
+    if pending is not None:
+      jax.block_until_ready(m)
+      last = _log(pending, writer, progress, t_log, steps_since, tokens_per_step, flops_per_step, peak, s)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  # The diffusion sampler predicts each masked position itself; a causal model predicts the next token,
+  # so the autoregressive baseline gets no samples here.
+  want_samples = config.train.num_samples and not config.model.causal and end == config.train.num_steps
+  samples = print_samples(config, s, state.params, tok) if want_samples else []
+  return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
+          "samples": samples, "state": state}
+
+
+def _log(pending, writer, progress, t_log, steps, tokens_per_step, flops_per_step, peak, s: Setup) -> dict:
+  step, m = pending
+  scalars = {k: float(v) for k, v in jax.device_get(m).items()}
+  dt = max(time.time() - t_log, 1e-9)
+  scalars["tokens_per_s"] = steps * tokens_per_step / dt
+  if peak:
+    scalars["mfu"] = steps * flops_per_step / dt / (peak * s.mesh.size)
+  writer.write(step, scalars)
+  progress.print(step, scalars)
+  return scalars
+
+
+def print_samples(config: Config, s: Setup, params: Any, tok) -> list[tuple[str, str]]:
+  """Completes the built-in prompts with the reverse process and prints prompt -> completion."""
+  prompts = corpus.sample_prompts()[: config.train.num_samples]
+  # Training documents start right after an EOS (packing), so prompts do too.
+  tokens, valid = sampling.left_pad([[tok.eos_id] + tok.encode(p) for p in prompts], tok.pad_id)
+  params = jax.device_put(params, sharding.replicated(s.mesh))
+  out = sampling.generate(s.graphdef, params, jnp.asarray(tokens), jnp.asarray(valid),
+                          gen_length=config.train.sample_length, steps=config.train.sample_steps,
+                          block_length=config.train.sample_length, mask_id=config.diffusion.mask_token_id)
+  out = np.asarray(jax.device_get(out))[:, tokens.shape[1]:]
+  results = []
+  for p, row in zip(prompts, out):
+    completion = tok.decode(sampling.strip_after_eos(row, tok.eos_id))
+    results.append((p, completion))
+    if jax.process_index() == 0:
+      print(f"sample: {p!r} -> {completion!r}", flush=True)
+  return results

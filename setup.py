@@ -1,0 +1,42 @@
+"""Installs llada_jax: a JAX/Flax implementation of LLaDA, the large language diffusion model."""
+
+import setuptools
+
+_JAX = "jax>=0.10.0,<0.11"
+
+setuptools.setup(
+    name="llada_jax",
+    version="0.1.0",
+    description="LLaDA (large language diffusion models) in JAX/Flax: pre-train, fine-tune, sample, evaluate.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `configs/` is shipped inside the package as `llada_jax.configs`, so the preset files that
+    # `--config=configs/demo.py` points at are also importable from an installed wheel.
+    packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*"]) + ["llada_jax.configs"],
+    package_dir={"llada_jax.configs": "configs"},
+    install_requires=[
+        _JAX,
+        "flax>=0.12.8,<0.13",  # NNX sharding metadata spellings changed across 0.11-0.12: keep the range tight
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "sentencepiece>=0.2.0,<0.3",
+        "tensorflow-datasets>=4.9.9,<5",
+        "chex>=0.1.90,<0.2",
+        "absl-py>=2.1,<3",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26",
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without a TensorFlow dependency
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "gpu": ["jax[cuda12]>=0.10.0,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+    },
+    entry_points={
+        "console_scripts": [
+            "llada-train=llada_jax.cli.train:run",
+        ],
+    },
+)
