@@ -30,7 +30,7 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",  # TensorBoard event files without a TensorFlow dependency
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.11"],
         "tpu": ["jax[tpu]>=0.10.0,<0.11"],
     },

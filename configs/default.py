@@ -93,9 +93,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
                    num_samples=1, sample_steps=4, sample_length=8)
     c.optim.update(warmup_steps=5, peak_lr=3e-3)
   elif variant == "demo":  # README command: a few minutes on a 2-core CPU
-    c.model.update(vocab_size=512, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=768)
+    c.model.update(vocab_size=512, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384,
+                   dtype="float32")  # CPUs have no fast bf16 matmul; accelerators should use bfloat16
     c.data.update(num_documents=20000, tokenizer_vocab_size=512)
-    c.train.update(batch_size=32, seq_len=128, num_steps=600, log_every=25, checkpoint_every=200,
+    c.train.update(batch_size=32, seq_len=128, num_steps=600, log_every=50, checkpoint_every=200,
                    num_samples=4, sample_steps=32, sample_length=32)
     c.optim.update(peak_lr=2e-3, warmup_steps=50, decay_steps=120)
   elif variant in ("llada_1b", "llada_8b"):  # the paper's shapes (REFERENCE §1), released tokenizer ids

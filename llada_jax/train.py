@@ -192,6 +192,10 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   tok = tokenizer_lib.load_or_train(workdir, lambda: corpus.iter_sentences(docs),
                                     config.data.tokenizer_vocab_size)
   _check_tokenizer(config, tok)
+  if jax.process_index() == 0:
+    entropy = corpus.unigram_entropy(docs, tok.encode, tok.eos_id)
+    print(f"corpus: {len(docs)} documents, unigram entropy {entropy:.3f} nats/token "
+          f"(the loss to beat)", flush=True)
   s = setup(config)
   data_iter = pipeline.make_train_iterator(config, docs, tok)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
