@@ -115,7 +115,7 @@ class OptimConfig:
   """
 
   peak_lr: float = 4e-4
-  warmup_steps: int = 2000
+  warmup_steps: int = 100
   stage2_steps: int = 0
   stage2_lr_ratio: float = 0.25
   decay_steps: int = 0
@@ -224,10 +224,10 @@ class TrainConfig:
   seed: int = 0
   batch_size: int = 8
   seq_len: int = 128
-  num_steps: int = 100
+  num_steps: int = 1000
   grad_accum_steps: int = 1
   log_every: int = 10
-  checkpoint_every: int = 100
+  checkpoint_every: int = 500
   max_to_keep: int = 3
   async_checkpointing: bool = True
   num_samples: int = 4

@@ -73,6 +73,52 @@ class MetricsWriter:
       self._tb.close()
 
 
+class WindowLogger:
+  """Averages step metrics over each logging window and writes them one step late.
+
+  Sums stay on device (no host sync per step); a finished window is fetched only after the next step
+  has been dispatched, so the host never stalls the device. `learning_rate` is reported at the window's
+  last step rather than averaged.
+  """
+
+  def __init__(self, writer: MetricsWriter, progress: "Progress", *, tokens_per_step: int,
+               flops_per_step: float, peak_flops: float | None):
+    self.writer, self.progress = writer, progress
+    self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+    self._sum, self._count, self._pending = None, 0, None
+    self._t = time.time()
+    self.last: dict[str, float] = {}
+
+  def add(self, step: int, metrics: Mapping[str, jax.Array], *, log_now: bool) -> None:
+    self._write_pending()
+    self._sum = dict(metrics) if self._sum is None else jax.tree.map(lambda a, b: a + b, self._sum, dict(metrics))
+    self._count += 1
+    if log_now:
+      self._pending = (step, self._sum, self._count, metrics["learning_rate"])
+      self._sum, self._count = None, 0
+
+  def flush(self) -> dict[str, float]:
+    """Writes the last window (waiting for it); returns the last written scalars."""
+    self._write_pending()
+    return self.last
+
+  def _write_pending(self) -> None:
+    if self._pending is None:
+      return
+    step, sums, count, lr = jax.device_get(self._pending)
+    self._pending = None
+    now = time.time()
+    dt, self._t = max(now - self._t, 1e-9), now
+    scalars = {k: float(v) / count for k, v in sums.items()}
+    scalars["learning_rate"] = float(lr)
+    scalars["tokens_per_s"] = count * self.tokens_per_step / dt
+    if self.peak_flops:
+      scalars["mfu"] = count * self.flops_per_step / dt / self.peak_flops
+    self.writer.write(step, scalars)
+    self.progress.print(step, scalars)
+    self.last = scalars
+
+
 class Progress:
   """One line per log step: step, metrics, throughput and ETA."""
 

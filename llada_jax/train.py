@@ -43,7 +43,7 @@ class Setup:
   schedule: optax.Schedule
   abstract_state: TrainState       # ShapeDtypeStructs carrying the shardings of this mesh
   state_shardings: TrainState
-  batch_sharding: jax.sharding.NamedSharding
+  batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per batch field
   init: Callable[[jax.Array], TrainState]
   step: Callable[..., tuple[TrainState, dict]]
 
@@ -128,13 +128,19 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     params = model_lib.init_params(config.model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  batch_sh = sharding.batch_sharding(config.mesh, mesh)
+  batch_sh = {name: sharding.batch_sharding(config.mesh, mesh, ndim)
+              for name, ndim in batch_fields(config).items()}
   with sharding.use_rules(config.mesh, mesh):
     init = jax.jit(init_fn, out_shardings=state_shardings)
     step = jax.jit(make_train_step(config, graphdef, tx, schedule),
                    in_shardings=(state_shardings, batch_sh, repl), out_shardings=(state_shardings, repl),
                    donate_argnums=0)
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step)
+
+
+def batch_fields(config: Config) -> dict[str, int]:
+  """Fields of a training batch and their ranks: tokens [B, L], plus prompt lengths [B] for SFT."""
+  return {"tokens": 2, **({"prompt_len": 1} if config.diffusion.objective == "sft" else {})}
 
 
 def root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
@@ -145,8 +151,10 @@ def root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
 
 def global_batch(s: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Host-local numpy rows -> one global array per field, sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(
-      sharding.batch_sharding(s.config.mesh, s.mesh, np.ndim(v)), v) for k, v in host_batch.items()}
+  if set(host_batch) != set(s.batch_shardings):
+    raise ValueError(f"a '{s.config.diffusion.objective}' batch needs fields {sorted(s.batch_shardings)}; "
+                     f"got {sorted(host_batch)}")
+  return {k: jax.make_array_from_process_local_data(s.batch_shardings[k], v) for k, v in host_batch.items()}
 
 
 def run_steps(s: Setup, state: TrainState, batches, rng: jax.Array, num_steps: int) -> tuple[TrainState, list]:
@@ -210,31 +218,27 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
     start = 0
     state = s.init(params_key)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json())
+    os.replace(path + ".tmp", path)  # atomic: never a half-written config beside a good checkpoint
 
   writer = metrics_lib.MetricsWriter(workdir)
-  progress = metrics_lib.Progress(config.train.num_steps, start)
   tokens_per_step = config.train.batch_size * config.train.seq_len
-  flops_per_step = metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
   peak = metrics_lib.peak_flops_per_device()
+  logger = metrics_lib.WindowLogger(
+      writer, metrics_lib.Progress(config.train.num_steps, start), tokens_per_step=tokens_per_step,
+      flops_per_step=metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step,
+      peak_flops=peak * s.mesh.size if peak else None)
   end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
-  pending, last, t_log, steps_since = None, {}, time.time(), 0
   with sharding.use_rules(config.mesh, s.mesh):
     for step in range(start, end):
       state, m = s.step(state, global_batch(s, next(data_iter)), step_key)
-      steps_since += 1
-      # Metrics are fetched one step late, after the next step is dispatched, so the host never waits.
-      if pending is not None:
-        last = _log(pending, writer, progress, t_log, steps_since - 1, tokens_per_step, flops_per_step, peak, s)
-        t_log, steps_since, pending = time.time(), 1, None
-      if (step + 1) % config.train.log_every == 0 or step + 1 == end:
-        pending = (step + 1, m)
-      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == end:
-        ckpt.save(step + 1, state, data_iterator=data_iter, config=config.to_dict())
-    if pending is not None:
-      jax.block_until_ready(m)
-      last = _log(pending, writer, progress, t_log, steps_since, tokens_per_step, flops_per_step, peak, s)
+      done = step + 1
+      logger.add(done, m, log_now=done % config.train.log_every == 0 or done == end)
+      if done % config.train.checkpoint_every == 0 or done == end:
+        ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict())
+    last = logger.flush()
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -244,18 +248,6 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   samples = print_samples(config, s, state.params, tok) if want_samples else []
   return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
           "samples": samples, "state": state}
-
-
-def _log(pending, writer, progress, t_log, steps, tokens_per_step, flops_per_step, peak, s: Setup) -> dict:
-  step, m = pending
-  scalars = {k: float(v) for k, v in jax.device_get(m).items()}
-  dt = max(time.time() - t_log, 1e-9)
-  scalars["tokens_per_s"] = steps * tokens_per_step / dt
-  if peak:
-    scalars["mfu"] = steps * flops_per_step / dt / (peak * s.mesh.size)
-  writer.write(step, scalars)
-  progress.print(step, scalars)
-  return scalars
 
 
 def print_samples(config: Config, s: Setup, params: Any, tok) -> list[tuple[str, str]]:
