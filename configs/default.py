@@ -51,11 +51,25 @@ def base() -> ml_collections.ConfigDict:
   o.grad_clip_norm = 1.0     # global-norm clipping threshold; 0 disables clipping
 
   c.data = da = ml_collections.ConfigDict()
-  da.source = "procedural"   # the built-in corpus (llada_jax/data/corpus.py)
-  da.num_documents = 20000   # documents generated for the built-in corpus
-  da.corpus_seed = 0         # seed of the corpus generator
-  da.tokenizer_vocab_size = 1024  # sentencepiece vocabulary trained on the corpus
+  da.source = "procedural"   # procedural | text | jsonl | array_record | tfds (SFT: procedural | jsonl)
+  da.paths = ()              # files or globs for text / jsonl / array_record sources
+  da.text_field = "text"     # JSONL field holding a pre-training document
+  da.text_unit = "line"      # text files: one document per line, or per file
+  da.tfds_name = ""          # TFDS dataset name (prepared beforehand in array_record format)
+  da.tfds_split = "train"    # TFDS split, e.g. "train" or "train[:90%]"
+  da.tfds_data_dir = ""      # TFDS data_dir ("" = TFDS default)
+  da.on_bad_record = "raise"  # a malformed JSONL line: raise (naming file:line) or skip and count
+  da.sft_format = "messages"  # SFT JSONL: {"messages": [...]} conversations, or prompt/response pairs
+  da.prompt_field = "prompt"  # SFT pairs: prompt field
+  da.response_field = "response"  # SFT pairs: response field
+  da.num_documents = 20000   # documents (or conversations, for SFT) generated for the built-in data
+  da.corpus_seed = 0         # seed of the built-in corpus generator
+  da.tokenizer_path = ""     # sentencepiece .model to use; "" trains one in the workdir on the data
+  da.tokenizer_vocab_size = 1024  # vocabulary of a tokenizer trained here
+  da.tokenizer_model_type = "bpe"  # bpe | unigram, for a tokenizer trained here
+  da.tokenizer_train_docs = 200000  # at most this many documents feed tokenizer training
   da.shuffle_seed = 0        # seed of the grain shuffle
+  da.mp_prefetch_workers = 0  # grain worker processes for tokenization/packing (0: in the main process)
 
   c.mesh = me = ml_collections.ConfigDict()
   me.data = 1                # data-parallel axis size (-1: the rest of the devices)
@@ -67,6 +81,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.train = t = ml_collections.ConfigDict()
   t.seed = 0                 # root PRNG seed (params, masks: fold_in(key, step))
+  t.init_from = ""           # SFT: workdir of a pre-trained run; its params (not optimizer) start training
   t.batch_size = 8           # global batch, in sequences
   t.seq_len = 128            # tokens per sequence
   t.num_steps = 1000         # optimizer steps

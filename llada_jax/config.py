@@ -15,6 +15,7 @@ from typing import Any, Mapping
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 OBJECTIVES = ("pretrain", "sft", "ar")
+SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
@@ -145,21 +146,57 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where batches come from. `procedural` is the built-in corpus (llada_jax.data.corpus)."""
+  """Where batches come from.
+
+  Pre-training sources: `procedural` (the built-in corpus, llada_jax.data.corpus), `text` (files; one
+  document per line or per file), `jsonl` (one JSON object per line, text in `text_field`),
+  `array_record` (records of already tokenized int32 ids) and `tfds` (a prepared TFDS dataset read
+  through `tfds.data_source` in array_record format). SFT (`diffusion.objective='sft'`) reads `jsonl`
+  conversations or pairs (`sft_format`), or the built-in procedural chat set (`procedural`).
+  """
 
   source: str = "procedural"
+  paths: tuple[str, ...] = ()
+  text_field: str = "text"
+  text_unit: str = "line"
+  tfds_name: str = ""
+  tfds_split: str = "train"
+  tfds_data_dir: str = ""
+  on_bad_record: str = "raise"
+  sft_format: str = "messages"
+  prompt_field: str = "prompt"
+  response_field: str = "response"
   num_documents: int = 20000
   corpus_seed: int = 0
+  tokenizer_path: str = ""
   tokenizer_vocab_size: int = 1024
+  tokenizer_model_type: str = "bpe"
+  tokenizer_train_docs: int = 200000
   shuffle_seed: int = 0
+  mp_prefetch_workers: int = 0
 
   def __post_init__(self):
     s = "data"
-    _check_choice(s, "source", self.source, ("procedural",))
+    _check_choice(s, "source", self.source, SOURCES)
+    if self.source in ("text", "jsonl", "array_record") and not self.paths:
+      _fail(f"{s}.paths", f"one or more file paths or globs for data.source='{self.source}'", self.paths)
+    if not all(isinstance(p, str) and p for p in self.paths):
+      _fail(f"{s}.paths", "a tuple of non-empty path strings or globs", self.paths)
+    if self.source == "tfds" and not self.tfds_name:
+      _fail(f"{s}.tfds_name", "a TFDS dataset name (e.g. 'lm1b') for data.source='tfds'", self.tfds_name)
+    _check_choice(s, "text_unit", self.text_unit, ("line", "file"))
+    _check_choice(s, "on_bad_record", self.on_bad_record, ("raise", "skip"))
+    _check_choice(s, "sft_format", self.sft_format, ("messages", "pairs"))
+    _check_choice(s, "tokenizer_model_type", self.tokenizer_model_type, ("bpe", "unigram"))
+    for name in ("text_field", "prompt_field", "response_field", "tfds_split"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        _fail(f"{s}.{name}", "a non-empty string", getattr(self, name))
     _check_int(s, "num_documents", self.num_documents, 1)
     _check_int(s, "corpus_seed", self.corpus_seed, 0)
     _check_int(s, "tokenizer_vocab_size", self.tokenizer_vocab_size, 64)
+    _check_int(s, "tokenizer_train_docs", self.tokenizer_train_docs, 1)
     _check_int(s, "shuffle_seed", self.shuffle_seed, 0)
+    _check_int(s, "mp_prefetch_workers", self.mp_prefetch_workers, 0, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +259,7 @@ class TrainConfig:
   """The loop: sizes, logging and checkpointing cadence."""
 
   seed: int = 0
+  init_from: str = ""
   batch_size: int = 8
   seq_len: int = 128
   num_steps: int = 1000
@@ -237,6 +275,8 @@ class TrainConfig:
   def __post_init__(self):
     s = "train"
     _check_int(s, "seed", self.seed, 0)
+    if not isinstance(self.init_from, str):
+      _fail(f"{s}.init_from", "a path (a workdir or its checkpoints/ folder) or ''", self.init_from)
     for name in ("batch_size", "seq_len", "num_steps", "grad_accum_steps", "log_every",
                  "checkpoint_every", "max_to_keep", "sample_steps", "sample_length"):
       _check_int(s, name, getattr(self, name), 1)

@@ -1,20 +1,41 @@
-"""Tokenizers behind one small interface; today a sentencepiece model trained in-process.
+"""Tokenizers behind one small interface (`Tokenizer`); today sentencepiece models trained here.
 
-The built-in tokenizer fixes its special ids: pad 0, EOS 1, BOS 2, unk 3, mask `<|mask|>` 4 (the
-`diffusion.mask_token_id` default), then a newline piece so couplets keep their line break.
+A sentencepiece tokenizer trained by this package fixes its special ids: pad 0, EOS 1, BOS 2, unk 3,
+mask `<|mask|>` 4 (the `diffusion.mask_token_id` default), a newline piece 5 (couplets keep their line
+break), then the chat-template pieces `<|start_header_id|>` 6, `<|end_header_id|>` 7, `<|eot_id|>` 8.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import sentencepiece as spm
 
 MASK_PIECE = "<|mask|>"
+START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 TOKENIZER_FILE = "tokenizer.model"
+
+
+class Tokenizer(Protocol):
+  """What the rest of the package needs from a tokenizer."""
+
+  pad_id: int
+  eos_id: int
+  bos_id: int
+  mask_id: int
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+  def piece_to_id(self, piece: str) -> int | None:
+    """Id of a special piece (e.g. a chat header), or None if the vocabulary lacks it."""
 
 
 class SentencePieceTokenizer:
@@ -37,6 +58,10 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
+  def piece_to_id(self, piece: str) -> int | None:
+    i = self._sp.piece_to_id(piece)
+    return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
@@ -54,30 +79,43 @@ class SentencePieceTokenizer:
       data = f.read()
     try:
       return cls(data)
-    except RuntimeError as e:
-      raise ValueError(f"tokenizer file {path} is not a valid sentencepiece model: {e}") from e
+    except (RuntimeError, ValueError) as e:
+      raise ValueError(f"tokenizer file {path} is not a usable sentencepiece model: {e}") from e
 
 
-def train_sentencepiece(sentences: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
-  """Trains a BPE sentencepiece model in memory (no files, no network)."""
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "bpe",
+                        extra_pieces: Sequence[str] = ()) -> SentencePieceTokenizer:
+  """Trains a sentencepiece model (BPE or unigram) in memory: no files, no network.
+
+  Special pieces come first (see the module docstring); `extra_pieces` are added after them.
+  """
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+      sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
       pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-      user_defined_symbols=[MASK_PIECE, "\n"], normalization_rule_name="identity",
-      remove_extra_whitespaces=False, character_coverage=1.0, split_digits=True, byte_fallback=False,
+      user_defined_symbols=[MASK_PIECE, "\n", START_HEADER, END_HEADER, EOT, *extra_pieces],
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False, add_dummy_prefix=False, character_coverage=1.0, split_digits=True, byte_fallback=False,
       hard_vocab_limit=False, num_threads=1, minloglevel=2)
   tok = SentencePieceTokenizer(buf.getvalue())
   assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.mask_id) == (PAD_ID, EOS_ID, BOS_ID, MASK_ID)
   return tok
 
 
-def load_or_train(workdir: str, sentences_fn, vocab_size: int) -> SentencePieceTokenizer:
-  """Reuses `workdir/tokenizer.model` if present (resume), else trains one and saves it there."""
+def load_or_train(workdir: str, sentences_fn, vocab_size: int, model_type: str = "bpe",
+                  source_path: str = "") -> SentencePieceTokenizer:
+  """The run's tokenizer, kept as `workdir/tokenizer.model` so checkpoints are self-contained.
+
+  On resume the workdir's copy is reused. Otherwise `source_path` (a .model file) is loaded, or a new
+  model is trained on `sentences_fn()`; either way it is saved into the workdir.
+  """
   path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.exists(path):
     return SentencePieceTokenizer.load(path)
-  tok = train_sentencepiece(sentences_fn(), vocab_size)
+  if source_path:
+    tok = SentencePieceTokenizer.load(source_path)
+  else:
+    tok = train_sentencepiece(sentences_fn(), vocab_size, model_type)
   os.makedirs(workdir, exist_ok=True)
   tok.save(path)
   return tok
