@@ -37,6 +37,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "llada-train=llada_jax.cli.train:run",
+            "llada-tokenizer=llada_jax.cli.tokenizer:run",
         ],
     },
 )

@@ -1,7 +1,8 @@
 """All llada_jax config fields with their defaults, and the named presets.
 
-Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b, or through
-the one-preset files beside it (`configs/demo.py`, ...). Override any field on the command line:
+Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b (model
+shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
+`configs/pretrain_text.py`, ...). `sft(variant)` turns a preset into its SFT counterpart. Override any field on the command line:
 `--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
 """
 
@@ -93,6 +94,17 @@ def base() -> ml_collections.ConfigDict:
   t.num_samples = 4          # completions printed at the end of training (0: none)
   t.sample_steps = 32        # reverse-process steps for those samples
   t.sample_length = 32       # tokens generated per sample
+  return c
+
+
+def sft(c: ml_collections.ConfigDict, init_from: str = "") -> ml_collections.ConfigDict:
+  """The SFT counterpart of a pre-training preset (REFERENCE §6): same model, the SFT loss, a fresh
+  optimizer, warmup over 50 steps, then constant, then linear decay to 10% over the last 10% of steps.
+  The paper fine-tunes at 2.5e-5 with batch 256; small presets use larger rates for short runs."""
+  c.diffusion.objective = "sft"
+  c.train.init_from = init_from
+  c.optim.update(warmup_steps=min(50, c.train.num_steps // 10), stage2_steps=0,
+                 decay_steps=max(1, c.train.num_steps // 10), final_lr_ratio=0.1)
   return c
 
 

@@ -19,13 +19,26 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = "checkpoints"
 
 
-class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with the item layout this package uses."""
+def _existing_checkpoint_dir(path: str) -> str:
+  """To read: `path` may be a workdir (holding checkpoints/) or the checkpoints folder itself."""
+  inner = os.path.join(path, CHECKPOINT_DIR)
+  return os.path.abspath(inner if os.path.isdir(inner) else path)
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the item layout this package uses.
+
+  `read_only=True` opens someone else's checkpoints (e.g. a pre-trained run to fine-tune from) without
+  creating, deleting or writing anything there.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = (_existing_checkpoint_dir(workdir) if read_only
+                      else os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"no checkpoints found at {self.directory}")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                           enable_async_checkpointing=async_save, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -56,6 +69,21 @@ class Checkpointer:
       raise ValueError(f"checkpoint step {step} in {self.directory} could not be restored into the "
                        f"current config: {e}") from e
     return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the parameters of a step (no optimizer state, no iterator): for fine-tuning."""
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
+                              f"(available: {self.all_steps() or 'none'})")
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(f"parameters of checkpoint step {step} in {self.directory} do not fit the current "
+                       f"model config: {e}") from e
+    return restored["state"]["params"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
     path = os.path.join(self.directory, str(step), "config", "metadata")

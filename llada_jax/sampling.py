@@ -71,6 +71,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_v
   return jax.lax.fori_loop(0, steps, step, x_BL)
 
 
-def strip_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+def strip_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
+  """The ids before the first stop id (EOS, or end-of-turn for chat models)."""
   ids = [int(i) for i in ids]
-  return ids[: ids.index(eos_id)] if eos_id in ids else ids
+  return ids[: next((k for k, i in enumerate(ids) if i in stop_ids), len(ids))]

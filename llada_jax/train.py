@@ -22,7 +22,7 @@ from flax import nnx
 from llada_jax import checkpoint as ckpt_lib
 from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, sampling, sharding
 from llada_jax.config import Config
-from llada_jax.data import corpus, pipeline, tokenizer as tokenizer_lib
+from llada_jax.data import pipeline, tokenizer as tokenizer_lib
 
 
 @flax.struct.dataclass
@@ -57,7 +57,7 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array) -> tupl
                                        eps=d.noise_eps, random_length_prob=d.random_length_prob)
   elif d.objective == "sft":
     out = diffusion.sft_objective(logits_fn, rng, tokens_BL=tokens_BL, prompt_len_B=batch["prompt_len"],
-                                  mask_id=d.mask_token_id, eps=d.noise_eps)
+                                  mask_id=d.mask_token_id, eps=d.noise_eps, valid_BL=batch["valid"])
   else:
     out = diffusion.ar_objective(logits_fn, tokens_BL=tokens_BL)
   return out.loss, out
@@ -139,8 +139,11 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
 
 def batch_fields(config: Config) -> dict[str, int]:
-  """Fields of a training batch and their ranks: tokens [B, L], plus prompt lengths [B] for SFT."""
-  return {"tokens": 2, **({"prompt_len": 1} if config.diffusion.objective == "sft" else {})}
+  """Fields of a training batch and their ranks: tokens [B, L]; for SFT also prompt lengths [B] and
+  `valid` [B, L] (positions up to the batch's longest prompt + response: EOS padding counts up to there,
+  as in the reference's pad-to-batch-max, while shapes stay static)."""
+  sft_fields = {"prompt_len": 1, "valid": 2} if config.diffusion.objective == "sft" else {}
+  return {"tokens": 2, **sft_fields}
 
 
 def root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
@@ -187,6 +190,19 @@ def _check_resume_config(config: Config, saved: dict, where: str) -> None:
                          f"at {where}; use a new --workdir or the checkpoint's value")
 
 
+def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState:
+  """Fine-tuning start: the latest parameters of `train.init_from`, a fresh optimizer and step 0."""
+  source = ckpt_lib.Checkpointer(config.train.init_from, read_only=True)
+  step = source.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config field 'train.init_from': no checkpoint in {source.directory}")
+  _check_resume_config(config, source.restore_config(step), source.directory)
+  params = source.restore_params(step, s.abstract_state.params)
+  source.close()
+  print(f"initialised parameters from step {step} of {source.directory}", flush=True)
+  return state.replace(params=params)
+
+
 def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then prints samples.
 
@@ -196,16 +212,15 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  docs = corpus.generate_documents(config.data.num_documents, config.data.corpus_seed)
-  tok = tokenizer_lib.load_or_train(workdir, lambda: corpus.iter_sentences(docs),
-                                    config.data.tokenizer_vocab_size)
+  data = pipeline.build_training_data(config, workdir)
+  tok = data.tokenizer
   _check_tokenizer(config, tok)
   if jax.process_index() == 0:
-    entropy = corpus.unigram_entropy(docs, tok.encode, tok.eos_id)
-    print(f"corpus: {len(docs)} documents, unigram entropy {entropy:.3f} nats/token "
-          f"(the loss to beat)", flush=True)
+    print(data.description, flush=True)
+    if data.unigram_entropy is not None:
+      print(f"corpus unigram entropy {data.unigram_entropy:.3f} nats/token (the loss to beat)", flush=True)
   s = setup(config)
-  data_iter = pipeline.make_train_iterator(config, docs, tok)
+  data_iter = data.iterator
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                async_save=config.train.async_checkpointing)
   params_key, step_key = root_keys(config)
@@ -217,6 +232,8 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   else:
     start = 0
     state = s.init(params_key)
+    if config.train.init_from:
+      state = _init_params_from(config, s, state)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w") as f:
@@ -245,25 +262,27 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   # The diffusion sampler predicts each masked position itself; a causal model predicts the next token,
   # so the autoregressive baseline gets no samples here.
   want_samples = config.train.num_samples and not config.model.causal and end == config.train.num_steps
-  samples = print_samples(config, s, state.params, tok) if want_samples else []
+  samples = print_samples(config, s, state.params, tok, data.sample_prompts) if want_samples else []
   return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
           "samples": samples, "state": state}
 
 
-def print_samples(config: Config, s: Setup, params: Any, tok) -> list[tuple[str, str]]:
-  """Completes the built-in prompts with the reverse process and prints prompt -> completion."""
-  prompts = corpus.sample_prompts()[: config.train.num_samples]
-  # Training documents start right after an EOS (packing), so prompts do too.
-  tokens, valid = sampling.left_pad([[tok.eos_id] + tok.encode(p) for p in prompts], tok.pad_id)
+def print_samples(config: Config, s: Setup, params: Any, tok,
+                  prompts: list[tuple[str, list[int]]]) -> list[tuple[str, str]]:
+  """Completes (shown text, token ids) prompts with the reverse process; prints prompt -> completion."""
+  if not prompts:
+    return []
+  tokens, valid = sampling.left_pad([ids for _, ids in prompts], tok.pad_id)
   params = jax.device_put(params, sharding.replicated(s.mesh))
   out = sampling.generate(s.graphdef, params, jnp.asarray(tokens), jnp.asarray(valid),
                           gen_length=config.train.sample_length, steps=config.train.sample_steps,
                           block_length=config.train.sample_length, mask_id=config.diffusion.mask_token_id)
   out = np.asarray(jax.device_get(out))[:, tokens.shape[1]:]
+  stops = {tok.eos_id} | ({eot} if (eot := tok.piece_to_id(tokenizer_lib.EOT)) is not None else set())
   results = []
-  for p, row in zip(prompts, out):
-    completion = tok.decode(sampling.strip_after_eos(row, tok.eos_id))
-    results.append((p, completion))
+  for (shown, _), row in zip(prompts, out):
+    completion = tok.decode(sampling.strip_at_stop(row, stops))
+    results.append((shown, completion))
     if jax.process_index() == 0:
-      print(f"sample: {p!r} -> {completion!r}", flush=True)
+      print(f"sample: {shown!r} -> {completion!r}", flush=True)
   return results

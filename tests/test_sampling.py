@@ -67,6 +67,7 @@ def test_generate_matches_a_plain_python_reverse_process():
   np.testing.assert_array_equal(got, want)
 
 
-def test_strip_after_eos():
-  assert sampling.strip_after_eos([5, 6, 1, 7, 1], eos_id=1) == [5, 6]
-  assert sampling.strip_after_eos([5, 6], eos_id=1) == [5, 6]
+def test_strip_at_stop():
+  assert sampling.strip_at_stop([5, 6, 1, 7, 1], {1}) == [5, 6]
+  assert sampling.strip_at_stop([5, 8, 6, 1], {1, 8}) == [5]
+  assert sampling.strip_at_stop([5, 6], {1}) == [5, 6]

@@ -52,9 +52,11 @@ def test_sft_step_runs_sharded(devices):
   params_key, step_key = train.root_keys(cfg)
   tokens = next(_batches(cfg))["tokens"]
   prompt_len = np.full((cfg.train.batch_size,), 10, np.int32)
+  valid = np.ones(tokens.shape, bool)
   with sharding.use_rules(cfg.mesh, s.mesh):
     state = s.init(params_key)
-    _, m = s.step(state, train.global_batch(s, {"tokens": tokens, "prompt_len": prompt_len}), step_key)
+    batch = {"tokens": tokens, "prompt_len": prompt_len, "valid": valid}
+    _, m = s.step(state, train.global_batch(s, batch), step_key)
   assert np.isfinite(float(m["loss"]))
   with pytest.raises(ValueError, match="prompt_len"):
     train.global_batch(s, {"tokens": tokens})
@@ -116,6 +118,17 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, devices):
   assert os.listdir(tmp_path / "full" / "tensorboard")
   saved = config_lib.from_json((tmp_path / "full" / "config.json").read_text())
   assert saved == cfg
+
+
+def test_resume_with_multiprocess_prefetch_matches_uninterrupted(tmp_path, devices):
+  """grain worker processes (mp_prefetch) keep the pipeline checkpointable: preempt and resume."""
+  cfg = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 3, "train.num_samples": 0,
+                       "data.mp_prefetch_workers": 2, "optim.warmup_steps": 1})
+  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=3)
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  for a, b in zip(_leaves(full["state"]), _leaves(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_resume_with_different_model_shape_fails_clearly(tmp_path, devices):

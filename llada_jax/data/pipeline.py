@@ -1,22 +1,29 @@
 """grain pipelines: documents -> token ids + EOS -> packed fixed-length sequences -> host-local batches.
 
-Documents are tokenized, EOS-terminated, concatenated and cut into `seq_len` chunks (packing, as in the
-paper); the 1% random-length crop happens later, in the loss module. Each host reads its own shard
-(`jax.process_index()` of `jax.process_count()`) and yields `batch_size // process_count` rows, so the
-global batch is the per-host batch times the number of hosts. The iterator is a grain `DatasetIterator`:
-its state is saved in the same checkpoint step as the model, so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+Pre-training: documents (text, or already tokenized ids) are tokenized, EOS-terminated, concatenated and
+cut into `seq_len` chunks (packing, as in the paper); the 1% random-length crop happens later, in the
+loss module. SFT: conversations become (history -> answer) pairs rendered with the chat template
+(llada_jax.data.sft). Each host reads its own shard (`jax.process_index()` of `jax.process_count()`)
+and yields `batch_size // process_count` rows, so the global batch is the per-host batch times the
+number of hosts. The iterator is a grain `DatasetIterator`: its state is saved in the same checkpoint
+step as the model, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+import itertools
+import os
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
-from llada_jax.config import Config
+from llada_jax.config import Config, DataConfig
+from llada_jax.data import corpus, sft, sources, tokenizer as tokenizer_lib
 
 
 def host_batch_size(global_batch: int, process_count: int | None = None) -> int:
@@ -27,20 +34,153 @@ def host_batch_size(global_batch: int, process_count: int | None = None) -> int:
   return global_batch // n
 
 
-def packed_dataset(documents: Sequence[str], encode, *, eos_id: int, seq_len: int, batch_size: int,
+def _to_ids(doc: Any, encode: Callable[[str], list[int]], eos_id: int) -> dict[str, np.ndarray]:
+  ids = encode(doc) if isinstance(doc, str) else [int(i) for i in np.asarray(doc).reshape(-1)]
+  return {"tokens": np.asarray(ids + [eos_id], np.int32)}
+
+
+def _only_tokens(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"tokens": example["tokens"]}
+
+
+def packed_dataset(documents: Sequence[Any], encode, *, eos_id: int, seq_len: int, batch_size: int,
                    seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """An endless, seeded, host-sharded dataset of {'tokens': int32 [batch_size, seq_len]} batches."""
-  ds = grain.MapDataset.source(list(documents))[process_index::process_count]
+  """An endless, seeded, host-sharded dataset of {'tokens': int32 [batch_size, seq_len]} batches.
+
+  `documents` is any random-access sequence of str (tokenized with `encode`) or int arrays (used as
+  they are); each document ends with `eos_id`.
+  """
+  ds = grain.MapDataset.source(documents)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map(lambda doc: {"tokens": np.asarray(encode(doc) + [eos_id], np.int32)})
+  ds = ds.map(functools.partial(_to_ids, encode=encode, eos_id=eos_id))
   ds = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
-  ds = ds.map(lambda ex: {"tokens": ex["tokens"]})
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds.map(_only_tokens).batch(batch_size, drop_remainder=True)
 
 
-def make_train_iterator(config: Config, documents: Sequence[str], tokenizer) -> grain.DatasetIterator:
-  """The training iterator for `config` on this host."""
-  return iter(packed_dataset(
-      documents, tokenizer.encode, eos_id=tokenizer.eos_id, seq_len=config.train.seq_len,
-      batch_size=host_batch_size(config.train.batch_size), seed=config.data.shuffle_seed,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+class _Mapped:
+  """A random-access source with a function applied on access (picklable if `fn` is)."""
+
+  def __init__(self, parent: Sequence[Any], fn: Callable[[Any], Any]):
+    self._parent, self._fn = parent, fn
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index: int) -> Any:
+    return self._fn(self._parent[index])
+
+
+def _pair_record(record: dict, prompt_field: str, response_field: str) -> dict:
+  return sft.pairs_to_conversation(record[prompt_field], record[response_field])
+
+
+def _validate_pair(record: dict, prompt_field: str, response_field: str) -> str | None:
+  for f in (prompt_field, response_field):
+    if not isinstance(record.get(f), str):
+      return f"field '{f}' is missing or not a string"
+  return None
+
+
+def _validate_conversation(record: dict) -> str | None:
+  if "messages" not in record:
+    return "no 'messages' field"
+  return sft.validate_messages(record["messages"])
+
+
+def sft_conversations(cfg: DataConfig) -> Sequence[dict]:
+  """Random-access {'messages': [...]} conversations for SFT, from JSONL or the built-in set."""
+  if cfg.source == "procedural":
+    return sft.generate_conversations(cfg.num_documents, cfg.corpus_seed)
+  if cfg.source != "jsonl":
+    raise ValueError(f"config field 'data.source'='{cfg.source}' is not an SFT source; use 'jsonl' or "
+                     "'procedural' with diffusion.objective='sft'")
+  if cfg.sft_format == "messages":
+    return sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record, validate=_validate_conversation)
+  fields = dict(prompt_field=cfg.prompt_field, response_field=cfg.response_field)
+  records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
+                                 validate=functools.partial(_validate_pair, **fields))
+  return _Mapped(records, functools.partial(_pair_record, **fields))
+
+
+def _conversation_texts(conversations: Sequence[dict], limit: int) -> Iterator[str]:
+  for i in range(min(len(conversations), limit)):
+    for message in conversations[i]["messages"]:
+      yield message["content"]
+
+
+@dataclasses.dataclass
+class TrainingData:
+  tokenizer: Any
+  iterator: grain.DatasetIterator
+  description: str                 # one line for the log
+  unigram_entropy: float | None    # nats/token of the built-in corpus (the loss to beat), else None
+  sample_prompts: list[tuple[str, list[int]]]  # (shown text, token ids) to complete after training
+
+
+def _doc_prompts(documents: Sequence[Any], tok, n: int, num_tokens: int = 8) -> list[tuple[str, list[int]]]:
+  """The first tokens of the first `n` documents, each after an EOS (where documents start in packing)."""
+  out = []
+  for i in range(min(n, len(documents))):
+    doc = documents[i]
+    ids = (tok.encode(doc) if isinstance(doc, str) else [int(x) for x in doc])[:num_tokens]
+    out.append((tok.decode(ids), [tok.eos_id] + ids))
+  return out
+
+
+def _maybe_prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+  if not workers:
+    return ds
+  # grain's worker processes read absl flags; a notebook or test never parsed any.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
+def build_training_data(config: Config, workdir: str) -> TrainingData:
+  """Tokenizer + host-local training iterator for `config`; the tokenizer is kept in the workdir."""
+  d, t = config.data, config.train
+  batch = host_batch_size(t.batch_size)
+  pi, pc = jax.process_index(), jax.process_count()
+  tok_source = d.tokenizer_path
+  if not tok_source and t.init_from:
+    inherited = os.path.join(t.init_from, tokenizer_lib.TOKENIZER_FILE)
+    tok_source = inherited if os.path.exists(inherited) else ""
+
+  if config.diffusion.objective == "sft":
+    conversations = sft_conversations(d)
+    docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
+    sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
+                                        _conversation_texts(conversations, d.tokenizer_train_docs))
+    tok = tokenizer_lib.load_or_train(workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type,
+                                      tok_source)
+    ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=d.shuffle_seed,
+                         process_index=pi, process_count=pc)
+    prompts = []
+    for i in range(min(t.num_samples, len(conversations))):
+      history, _ = sft.conversation_pairs(conversations[i]["messages"])[0]
+      prompts.append((history[-1]["content"], sft.render_prompt(history, tok)))
+    return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
+                        f"SFT data: {len(conversations)} conversations ({d.source})", None, prompts)
+
+  entropy = None
+  if d.source == "procedural":
+    documents: Sequence[Any] = corpus.generate_documents(d.num_documents, d.corpus_seed)
+    sentences = lambda: corpus.iter_sentences(documents)
+  else:
+    if d.source == "array_record" and not tok_source:
+      raise ValueError("config field 'data.tokenizer_path' must name the tokenizer (.model) that produced "
+                       "the ids in the ArrayRecord files of data.source='array_record'")
+    documents = sources.make_source(d)
+    sentences = lambda: sources.sample_texts(documents, d.tokenizer_train_docs, d.shuffle_seed)
+  tok = tokenizer_lib.load_or_train(workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type,
+                                    tok_source)
+  if d.source == "procedural":
+    prompts = [(p, [tok.eos_id] + tok.encode(p)) for p in corpus.sample_prompts()[: t.num_samples]]
+    if jax.process_index() == 0:
+      entropy = corpus.unigram_entropy(documents, tok.encode, tok.eos_id)
+  else:
+    prompts = _doc_prompts(documents, tok, t.num_samples)
+  ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
+                      seed=d.shuffle_seed, process_index=pi, process_count=pc)
+  return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
+                      f"pre-training data: {len(documents)} documents ({d.source})", entropy, prompts)

@@ -63,7 +63,11 @@ class SentencePieceTokenizer:
     return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+    return self._sp.decode(ids)
 
   def save(self, path: str) -> None:
     tmp = path + ".tmp"

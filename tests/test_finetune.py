@@ -1,0 +1,92 @@
+"""Real-data runs as a user makes them: pre-train on local files, then SFT from that checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import tiny_config
+from llada_jax import config as config_lib, train
+from llada_jax.configs import default
+from llada_jax.data import corpus, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sft_eval_loss(cfg, s, params, batch):
+  keys = jax.random.split(jax.random.key(7), 16)
+  f = jax.jit(lambda p: jax.vmap(lambda k: train._loss(cfg, s.graphdef, p, batch, k)[0])(keys).mean())
+  return float(f(jax.device_get(params)))
+
+
+def test_sft_from_pretrained_checkpoint_lowers_sft_loss(tmp_path, devices):
+  pre_cfg = tiny_config(**{"train.num_steps": 30, "train.num_samples": 0, "optim.warmup_steps": 3})
+  pre = train.train_and_evaluate(pre_cfg, str(tmp_path / "pre"))
+  c = default.get_config("tiny")
+  c.data.update(num_documents=300)
+  c.train.update(seq_len=64, num_steps=60, num_samples=2)
+  c.optim.update(peak_lr=3e-3)
+  sft_cfg = config_lib.from_config_dict(default.sft(c, init_from=str(tmp_path / "pre")))
+  post = train.train_and_evaluate(sft_cfg, str(tmp_path / "sft"))
+  assert post["step"] == 60 and len(post["samples"]) == 2
+  # The tokenizer is inherited from the pre-trained run, so token ids mean the same thing.
+  assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
+  held = config_lib.from_config_dict(default.sft(c.copy_and_resolve_references(), init_from=str(tmp_path / "pre")))
+  batch = next(pipeline.build_training_data(held, str(tmp_path / "sft")).iterator)
+  s = train.setup(sft_cfg)
+  before = _sft_eval_loss(sft_cfg, s, pre["state"].params, batch)
+  after = _sft_eval_loss(sft_cfg, s, post["state"].params, batch)
+  assert after < 0.9 * before, (before, after)
+
+
+def test_sft_starts_from_the_pretrained_parameters(tmp_path, devices):
+  pre_cfg = tiny_config(**{"train.num_steps": 2, "train.num_samples": 0, "optim.warmup_steps": 1})
+  pre = train.train_and_evaluate(pre_cfg, str(tmp_path / "pre"))
+  c = default.get_config("tiny")
+  c.train.update(seq_len=48, num_steps=1, num_samples=0)
+  c.optim.update(peak_lr=1e-12, weight_decay=0.0)  # one step that cannot move the parameters visibly
+  sft_cfg = config_lib.from_config_dict(default.sft(c, init_from=str(tmp_path / "pre" / "checkpoints")))
+  post = train.train_and_evaluate(sft_cfg, str(tmp_path / "sft"))
+  for a, b in zip(jax.tree.leaves(jax.device_get(pre["state"].params)),
+                  jax.tree.leaves(jax.device_get(post["state"].params))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert int(post["state"].step) == 1  # a fresh step counter (and optimizer), not the pre-train's
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "llada_jax.cli.train", *args], capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_user_files_pretrain_then_jsonl_sft_with_two_config_files(tmp_path):
+  """The README path: configs/pretrain_text.py on the user's text, configs/sft_jsonl.py on their chats."""
+  text_dir = tmp_path / "data"
+  text_dir.mkdir()
+  docs = corpus.generate_documents(400, seed=5)
+  for i in range(2):
+    (text_dir / f"part{i}.txt").write_text("\n".join(d.replace("\n", " ") for d in docs[i::2]) + "\n")
+  chats = tmp_path / "chats.jsonl"
+  with open(chats, "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"messages": [
+          {"role": "user", "content": f"what is {i} plus 1?"},
+          {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."},
+          {"role": "user", "content": "and plus 2?"},
+          {"role": "assistant", "content": f"{i} plus 2 is {i + 2}."}]}) + "\n")
+  pre = _cli(f"--config={REPO}/configs/pretrain_text.py:tiny", f"--workdir={tmp_path / 'pre'}",
+             f"--config.data.paths=('{text_dir}/*.txt',)", "--config.train.num_steps=4",
+             "--config.optim.warmup_steps=1")
+  assert pre.returncode == 0, pre.stderr[-3000:]
+  assert "pre-training data: 400 documents (text)" in pre.stdout
+  sft = _cli(f"--config={REPO}/configs/sft_jsonl.py:tiny", f"--workdir={tmp_path / 'sft'}",
+             f"--config.data.paths=('{chats}',)", f"--config.train.init_from={tmp_path / 'pre'}",
+             "--config.train.num_steps=4", "--config.train.seq_len=48")
+  assert sft.returncode == 0, sft.stderr[-3000:]
+  assert "SFT data: 40 conversations (jsonl)" in sft.stdout and "initialised parameters from step 4" in sft.stdout
+  assert "sample: 'what is 0 plus 1?' -> " in sft.stdout
+  bad = _cli(f"--config={REPO}/configs/pretrain_text.py:tiny", f"--workdir={tmp_path / 'bad'}",
+             f"--config.data.paths=('{tmp_path}/nothing*.txt',)")
+  assert bad.returncode == 1 and "nothing*.txt" in bad.stderr and "Traceback" not in bad.stderr
