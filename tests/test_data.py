@@ -77,6 +77,50 @@ def test_packing_concatenates_documents_with_eos(docs_and_tok):
   assert texts <= set(docs) and len(texts) > 5
 
 
+def _stream(ds, num_batches):
+  return np.concatenate([b["tokens"].reshape(-1) for _, b in zip(range(num_batches), iter(ds))])
+
+
+def test_packing_preserves_every_token_in_order(docs_and_tok):
+  """The packed stream is exactly the shuffled documents' ids, each followed by EOS, back to back."""
+  import grain
+  docs, tok = docs_and_tok
+  ds = pipeline.packed_dataset(docs, tok.encode, eos_id=tok.eos_id, seq_len=16, batch_size=4, seed=3)
+  stream = _stream(ds, 20)
+  order = grain.MapDataset.source(docs).shuffle(seed=3)
+  expected = []
+  for i in range(len(docs)):
+    expected += tok.encode(order[i]) + [tok.eos_id]
+    if len(expected) >= len(stream):
+      break
+  np.testing.assert_array_equal(stream, expected[: len(stream)])
+
+
+def test_two_hosts_see_disjoint_halves_covering_the_epoch(docs_and_tok):
+  docs, tok = docs_and_tok
+  docs = sorted(set(docs))[:40]
+  seen = []
+  for index in range(2):
+    ds = pipeline.packed_dataset(docs, tok.encode, eos_id=tok.eos_id, seq_len=16, batch_size=2, seed=0,
+                                 process_index=index, process_count=2)
+    pieces = np.split(_stream(ds, 60), np.flatnonzero(_stream(ds, 60) == tok.eos_id) + 1)
+    seen.append({tok.decode(p[:-1]) for p in pieces[:20]})  # this host's first epoch: 20 documents
+  assert seen[0].isdisjoint(seen[1])
+  assert seen[0] | seen[1] == set(docs)
+
+
+def test_tokenizer_without_mask_piece_is_refused(tmp_path):
+  import io
+  import sentencepiece as spm
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus.generate_documents(200)), model_writer=buf,
+                                 vocab_size=100, minloglevel=2)
+  path = tmp_path / "nomask.model"
+  path.write_bytes(buf.getvalue())
+  with pytest.raises(ValueError, match="nomask.model.*mask"):
+    tokenizer.SentencePieceTokenizer.load(str(path))
+
+
 def test_iterator_state_resumes_exactly(docs_and_tok):
   docs, tok = docs_and_tok
   ds = pipeline.packed_dataset(docs, tok.encode, eos_id=tok.eos_id, seq_len=16, batch_size=2, seed=5)

@@ -191,6 +191,19 @@ def test_config_file_defaults_match_dataclass_defaults():
     assert set(base[section]) == set(vars(value)), section  # every field is in the file
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+                                         if f.endswith(".py") and f != "__init__.py"))
+def test_every_config_file_builds_a_valid_config(name):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.from_config_dict(module.get_config())
+  if name.startswith("sft_"):
+    assert cfg.diffusion.objective == "sft" and cfg.optim.decay_steps == cfg.train.num_steps // 10
+
+
 def test_unknown_config_field_is_rejected():
   c = default.get_config("tiny").to_dict()
   c["train"]["num_step"] = 3
