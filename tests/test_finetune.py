@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from llada_jax import config as config_lib, train
@@ -54,6 +55,16 @@ def test_sft_starts_from_the_pretrained_parameters(tmp_path, devices):
                   jax.tree.leaves(jax.device_get(post["state"].params))):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert int(post["state"].step) == 1  # a fresh step counter (and optimizer), not the pre-train's
+  assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
+
+
+def test_sft_from_a_folder_without_tokenizer_fails_clearly(tmp_path):
+  c = default.get_config("tiny")
+  c.train.update(seq_len=64, num_steps=2)
+  (tmp_path / "empty").mkdir()
+  cfg = config_lib.from_config_dict(default.sft(c, init_from=str(tmp_path / "empty")))
+  with pytest.raises(FileNotFoundError, match="train.init_from.*tokenizer"):
+    train.train_and_evaluate(cfg, str(tmp_path / "sft"))
 
 
 def _cli(*args):

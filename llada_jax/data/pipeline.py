@@ -136,15 +136,24 @@ def _maybe_prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
+def _inherited_tokenizer(init_from: str) -> str:
+  """The tokenizer of the run being fine-tuned: ids must keep their meaning across pre-training and SFT."""
+  init_from = os.path.normpath(init_from)
+  folders = [init_from] + ([os.path.dirname(init_from)] if os.path.basename(init_from) == "checkpoints" else [])
+  for folder in folders:
+    path = os.path.join(folder, tokenizer_lib.TOKENIZER_FILE)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"config field 'train.init_from'={init_from!r} holds no {tokenizer_lib.TOKENIZER_FILE}; "
+                          "set data.tokenizer_path to the tokenizer the pre-trained model used")
+
+
 def build_training_data(config: Config, workdir: str) -> TrainingData:
   """Tokenizer + host-local training iterator for `config`; the tokenizer is kept in the workdir."""
   d, t = config.data, config.train
   batch = host_batch_size(t.batch_size)
   pi, pc = jax.process_index(), jax.process_count()
-  tok_source = d.tokenizer_path
-  if not tok_source and t.init_from:
-    inherited = os.path.join(t.init_from, tokenizer_lib.TOKENIZER_FILE)
-    tok_source = inherited if os.path.exists(inherited) else ""
+  tok_source = d.tokenizer_path or (_inherited_tokenizer(t.init_from) if t.init_from else "")
 
   if config.diffusion.objective == "sft":
     conversations = sft_conversations(d)
