@@ -38,6 +38,8 @@ setuptools.setup(
         "console_scripts": [
             "llada-train=llada_jax.cli.train:run",
             "llada-tokenizer=llada_jax.cli.tokenizer:run",
+            "llada-sample=llada_jax.cli.sample:run",
+            "llada-chat=llada_jax.cli.chat:run",
         ],
     },
 )

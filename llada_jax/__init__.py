@@ -5,7 +5,7 @@ from llada_jax.diffusion import (LossOutput, NoisyBatch, ar_objective, forward_p
                                  pretrain_loss, pretrain_objective, random_length_crop, sft_loss,
                                  sft_objective)
 from llada_jax.model import Transformer, abstract_model, apply, init_params
-from llada_jax.sampling import generate
+from llada_jax.sampling import GenerateOutput, SamplingConfig, generate
 from llada_jax.train import TrainState, setup, train_and_evaluate
 
 __version__ = "0.1.0"

@@ -69,7 +69,15 @@ class Block(nnx.Module):
     self.ff_down = sharding.param(_normal(rngs, cfg, (f, d)), ("mlp", "embed"))
     self.cfg = cfg
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_B11T: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_B11S: jax.Array | None,
+               kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Returns the block output and this call's (RoPE'd) keys and values.
+
+    With `kv` (keys/values of a full length-S sequence from an earlier pass), the T queries at
+    `kv_offset` attend over that sequence with their own fresh keys/values written in at `kv_offset`:
+    the approximate KV cache of Fast-dLLM (positions outside the slice keep stale entries).
+    """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     w = lambda p: p[...].astype(dt)
     y_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)
@@ -79,7 +87,13 @@ class Block(nnx.Module):
     q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
     # jax.nn.dot_product_attention handles GQA (N a multiple of K) and scales by 1/sqrt(head_dim);
     # its XLA path runs the softmax in float32.
-    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B11T, is_causal=cfg.causal)
+    keys, values = k_BTKH, v_BTKH
+    if kv is not None:
+      start = (0, kv_offset, 0, 0)
+      keys = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
+      values = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
+    o_BTNH = jax.nn.dot_product_attention(q_BTNH, keys, values, mask=mask_B11S,
+                                          is_causal=cfg.causal and kv is None)
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out))
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
 
@@ -88,7 +102,7 @@ class Block(nnx.Module):
     up_BTF = jnp.einsum("btd,df->btf", y_BTD, w(self.ff_up))
     h_BTF = sharding.constrain(gate_BTF * up_BTF, ("batch", "length", "mlp"))
     x_BTD = x_BTD + jnp.einsum("btf,fd->btd", h_BTF, w(self.ff_down))
-    return sharding.constrain(x_BTD, ("batch", "length", "embed"))
+    return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH)
 
 
 class Transformer(nnx.Module):
@@ -107,34 +121,47 @@ class Transformer(nnx.Module):
     self.final_norm = sharding.param(jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype)), ("norm",))
     self.lm_head = sharding.param(_normal(rngs, cfg, (cfg.d_model, cfg.vocab_size)), ("embed", "vocab"))
 
-  def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
+               cache: tuple[jax.Array, jax.Array] | None = None, offset: jax.Array | int = 0,
+               return_cache: bool = False):
     """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
 
     Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
+    Sampling with a KV cache: `return_cache=True` also returns every layer's keys and values,
+    ([layers, B, T, K, H], [layers, B, T, K, H]); passing them back as `cache` runs only the tokens
+    `tokens_BT` at positions `offset...` against that cache, with `valid_BT` covering the cached length.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
+    if cache is not None and cfg.causal:
+      raise ValueError("the KV-cache path is for the bidirectional model (model.causal=False)")
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dt)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_B11T = None if valid_BT is None else valid_BT[:, None, None, :].astype(bool)
+    positions_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_B11S = None if valid_BT is None else valid_BT[:, None, None, :].astype(bool)
 
     block_def, block_state = nnx.split(self.blocks)
 
-    def layer(x, layer_state):
-      return nnx.merge(block_def, layer_state)(x, positions_BT, mask_B11T), None
+    def layer(x, xs):
+      layer_state, kv = xs
+      x, fresh_kv = nnx.merge(block_def, layer_state)(x, positions_BT, mask_B11S, kv, offset)
+      return x, (fresh_kv if return_cache else None)
 
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(layer, x_BTD, block_state)
+      x_BTD, kv_out = jax.lax.scan(layer, x_BTD, (block_state, cache))
     else:
+      outs = []
       for i in range(cfg.num_layers):
-        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], block_state))
+        x_BTD, kv_i = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], (block_state, cache)))
+        outs.append(kv_i)
+      kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
 
     x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
     logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dt))
-    return sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+    return (logits_BTV, kv_out) if return_cache else logits_BTV
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -149,9 +176,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
-          valid_BT: jax.Array | None = None) -> jax.Array:
-  """Functional forward pass over a pure-dict parameter tree."""
-  return nnx.merge(graphdef, params)(tokens_BT, valid_BT)
+          valid_BT: jax.Array | None = None, **kv_cache_args: Any) -> Any:
+  """Functional forward pass over a pure-dict parameter tree (see `Transformer.__call__`)."""
+  return nnx.merge(graphdef, params)(tokens_BT, valid_BT, **kv_cache_args)
 
 
 def count_params(params: Any) -> int:

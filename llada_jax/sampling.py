@@ -1,15 +1,26 @@
-"""The reverse process: start from a fully masked answer and unmask it over `steps` steps.
+"""The reverse process: start from a fully masked answer and unmask it step by step (REFERENCE §4, §8).
 
-This is the core of the official `generate` (REFERENCE §4) for temperature 0 with low-confidence
-remasking and semi-autoregressive blocks: each step predicts every masked position, then commits the
-`k` most confident predictions of the current block, where `k` follows the official per-block transfer
-schedule. The whole loop is one `lax.fori_loop` inside one jitted program.
+`generate` follows the official LLaDA sampler: `gen_length` masked positions after the prompt, split
+into `gen_length / block_length` semi-autoregressive blocks (one block = pure diffusion); each block gets
+`steps / num_blocks` steps and commits, at step i, the official transfer count of its masked positions,
+chosen by the remasking rule among the current block's masked positions. Options: temperature
+(Gumbel-max), classifier-free guidance, EOS-logit and EOS/EOT-confidence suppression, Fast-dLLM's
+confidence-threshold parallel decoding, Fast-dLLM's block-wise approximate KV cache (prefix or dual),
+and early exit once a row's remaining positions can only be EOS. With every option at its default the
+output is the official algorithm's.
+
+The whole loop is one `lax.while_loop` in one jitted program, compiled once per (shapes, options).
+
+Temperature: the release computes `exp(logits) / (-log u)^T` in float64. With `jax_enable_x64` on
+(CPU/GPU) we do the same; otherwise (and always on TPU, which has no float64) we take the argmax of the
+mathematically identical `logits - T * log(-log u)` in float32, which cannot overflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +28,68 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import model as model_lib
+
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+KV_CACHES = ("none", "prefix", "dual")
+_SUPPRESSED = -1e30  # finite stand-in for a suppressed candidate's confidence
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Options of `generate`; hashable, so each distinct setting compiles once."""
+
+  gen_length: int = 128           # tokens generated after the prompt
+  steps: int = 128                # reverse-process steps (fixed-schedule mode)
+  block_length: int = 128         # semi-autoregressive block; == gen_length is pure diffusion
+  temperature: float = 0.0        # 0: greedy; > 0: Gumbel-max sampling
+  cfg_scale: float = 0.0          # classifier-free guidance: uncond + (scale + 1) * (cond - uncond)
+  remasking: str = "low_confidence"  # low_confidence | random | margin | entropy
+  threshold: float | None = None  # Fast-dLLM: commit every masked token with p >= threshold (>= 1/step)
+  suppress_eos_logit: bool = False       # never predict EOS (the release's logits_eos_inf)
+  suppress_eos_confidence: bool = False  # EOS/EOT predictions are committed last (confidence_eos_eot_inf)
+  early_exit: bool = False        # a row stops once its remaining masked positions can only be EOS
+  kv_cache: str = "none"          # Fast-dLLM block-wise approximate KV cache: none | prefix | dual
+
+  def validate(self, prompt_length: int, max_seq_len: int, padded_length: int | None = None) -> None:
+    """Raises ValueError naming the option, before anything is compiled.
+
+    `prompt_length` is the shortest prompt of the batch; `padded_length` (default: the same) the
+    left-padded width, which is what occupies the sequence.
+    """
+    def bad(name, allowed, value):
+      raise ValueError(f"sampling option '{name}' must be {allowed}; got {value!r}")
+    for name in ("gen_length", "steps", "block_length"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        bad(name, "a positive integer", v)
+    if self.gen_length % self.block_length:
+      bad("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
+    num_blocks = self.gen_length // self.block_length
+    if self.steps % num_blocks:
+      bad("steps", f"a multiple of the number of blocks ({num_blocks} = gen_length / block_length)", self.steps)
+    if self.steps > self.gen_length:
+      bad("steps", f"at most gen_length={self.gen_length} (a step commits at least one token)", self.steps)
+    if self.remasking not in REMASKING:
+      bad("remasking", f"one of {REMASKING}", self.remasking)
+    if not self.temperature >= 0:
+      bad("temperature", ">= 0", self.temperature)
+    if not self.cfg_scale >= 0:
+      bad("cfg_scale", ">= 0", self.cfg_scale)
+    if self.threshold is not None and not 0 < self.threshold <= 1:
+      bad("threshold", "in (0, 1] (or None to disable)", self.threshold)
+    if prompt_length < 1:
+      bad("prompt", "at least one token long", prompt_length)
+    width = prompt_length if padded_length is None else padded_length
+    if width + self.gen_length > max_seq_len:
+      bad("gen_length", f"at most model.max_seq_len - prompt length = {max_seq_len - width}", self.gen_length)
+    if self.kv_cache not in KV_CACHES:
+      bad("kv_cache", f"one of {KV_CACHES}", self.kv_cache)
+
+
+class GenerateOutput(NamedTuple):
+  tokens_BL: jax.Array         # prompt (left-padded) followed by the generated positions
+  commit_step_BL: jax.Array    # step at which each position was committed; -1 for prompt positions
+  steps_B: jax.Array           # steps each row took (fewer than `steps` with early exit / threshold)
 
 
 def transfer_schedule(num_masked: int, steps: int) -> np.ndarray:
@@ -40,35 +113,163 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return tokens, valid
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "gen_length", "steps", "block_length", "mask_id"))
-def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
-             gen_length: int, steps: int, block_length: int, mask_id: int) -> jax.Array:
-  """Greedy low-confidence-remasking generation; returns [B, P + gen_length] tokens."""
-  if gen_length % block_length or steps % (gen_length // block_length):
-    raise ValueError("gen_length must be a multiple of block_length, and steps a multiple of "
-                     f"gen_length // block_length; got {gen_length=}, {block_length=}, {steps=}")
+def _gumbel_argmax(logits_BLV: jax.Array, rng: jax.Array, temperature: float) -> jax.Array:
+  if temperature == 0:
+    return jnp.argmax(logits_BLV, axis=-1)
+  if jax.config.jax_enable_x64:  # the release's float64 formula, exactly
+    u = jax.random.uniform(rng, logits_BLV.shape, jnp.float64)
+    return jnp.argmax(jnp.exp(logits_BLV.astype(jnp.float64)) / (-jnp.log(u)) ** temperature, axis=-1)
+  u = jax.random.uniform(rng, logits_BLV.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+  return jnp.argmax(logits_BLV - temperature * jnp.log(-jnp.log(u)), axis=-1)
+
+
+def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Array) -> jax.Array:
+  """Higher = commit sooner."""
+  if rule == "random":
+    return jax.random.uniform(rng, x0_BL.shape, jnp.float32)
+  if rule == "margin":
+    top2 = jax.lax.top_k(probs_BLV, 2)[0]
+    return top2[..., 0] - top2[..., 1]
+  if rule == "entropy":
+    return jnp.sum(probs_BLV * jnp.log(jnp.maximum(probs_BLV, 1e-30)), axis=-1)  # = -entropy
+  return jnp.take_along_axis(probs_BLV, x0_BL[..., None], axis=-1)[..., 0]
+
+
+def _decide(cfg: SamplingConfig, logits_BWV, x_BW, pos_W, *, P: int, L: int, i, rng, mask_id: int,
+            eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
+  """One step inside a window of positions: which masked positions to commit, and to what."""
+  masked_BW = x_BW == mask_id
+  rng_noise, rng_conf = jax.random.split(jax.random.fold_in(rng, i))
+  if cfg.suppress_eos_logit:
+    logits_BWV = logits_BWV.at[..., eos_id].set(-jnp.inf)
+  x0_BW = _gumbel_argmax(logits_BWV, rng_noise, cfg.temperature).astype(x_BW.dtype)
+  probs_BWV = jax.nn.softmax(logits_BWV, axis=-1)
+  conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking, rng_conf)
+  if cfg.suppress_eos_confidence:
+    stop_BW = x0_BW == eos_id
+    if eot_id is not None:
+      stop_BW |= x0_BW == eot_id
+    conf_BW = jnp.where(stop_BW, -jnp.inf, conf_BW)
+  # The current block of each row: the block of its first masked position.
+  first_masked_B = jnp.min(jnp.where(masked_BW, pos_W, L), axis=1)
+  block_end_B = P + ((first_masked_B - P) // cfg.block_length + 1) * cfg.block_length
+  candidate_BW = masked_BW & (pos_W[None, :] < block_end_B[:, None])
+  # Candidates whose confidence was suppressed (-inf) still rank above every non-candidate, so each
+  # step commits its full quota and no mask survives the last step (they simply come last).
+  conf_BW = jnp.where(candidate_BW, jnp.maximum(conf_BW, _SUPPRESSED), -jnp.inf)
+  rank_BW = jnp.argsort(jnp.argsort(-conf_BW, axis=-1, stable=True), axis=-1, stable=True)
+  if cfg.threshold is None:
+    commit_BW = candidate_BW & (rank_BW < schedule[i % steps_per_block])
+  else:
+    p0_BW = jnp.take_along_axis(probs_BWV, x0_BW[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    commit_BW = candidate_BW & ((p0_BW >= cfg.threshold) | (rank_BW == 0))
+  return commit_BW, x0_BW
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mask_id", "eos_id", "eot_id"))
+def _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: SamplingConfig, mask_id: int,
+              eos_id: int, eot_id: int | None) -> GenerateOutput:
   B, P = prompt_BP.shape
-  steps_per_block = steps // (gen_length // block_length)
-  x_BL = jnp.concatenate([prompt_BP, jnp.full((B, gen_length), mask_id, prompt_BP.dtype)], axis=1)
-  valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, gen_length), bool)], axis=1)
-  schedule = jnp.asarray(transfer_schedule(block_length, steps_per_block))
-  positions_L = jnp.arange(P + gen_length)
+  G, L = cfg.gen_length, prompt_BP.shape[1] + cfg.gen_length
+  num_blocks = G // cfg.block_length
+  steps_per_block = cfg.steps // num_blocks
+  positions_L = jnp.arange(L)
+  is_prompt_L = positions_L < P
+  x_BL = jnp.concatenate([prompt_BP, jnp.full((B, G), mask_id, prompt_BP.dtype)], axis=1)
+  valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, G), bool)], axis=1)
+  decide = functools.partial(_decide, cfg, P=P, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                             schedule=jnp.asarray(transfer_schedule(cfg.block_length, steps_per_block)),
+                             steps_per_block=steps_per_block)
+  guided = cfg.cfg_scale > 0
+  valid_in = jnp.concatenate([valid_BL, valid_BL]) if guided else valid_BL
 
-  def step(i, x_BL):
-    block = i // steps_per_block
-    k = schedule[i % steps_per_block]
-    logits_BLV = model_lib.apply(graphdef, params, x_BL, valid_BL)
-    probs_BLV = jax.nn.softmax(logits_BLV, axis=-1)
-    x0_BL = jnp.argmax(logits_BLV, axis=-1).astype(x_BL.dtype)
-    conf_BL = jnp.take_along_axis(probs_BLV, x0_BL[..., None], axis=-1)[..., 0]
-    in_block_L = positions_L < P + (block + 1) * block_length
-    candidate_BL = (x_BL == mask_id) & in_block_L[None, :]
-    conf_BL = jnp.where(candidate_BL, conf_BL, -jnp.inf)
-    rank_BL = jnp.argsort(jnp.argsort(-conf_BL, axis=-1), axis=-1)  # 0 = most confident
-    commit_BL = candidate_BL & (rank_BL < k)
-    return jnp.where(commit_BL, x0_BL, x_BL)
+  def model_logits(x_BL, **cache_args):
+    """Logits for x_BL (a window of the sequence when a cache is given), with CFG when asked."""
+    if guided:
+      uncond_BL = jnp.where(is_prompt_L[None, :], mask_id, x_BL) if not cache_args else x_BL
+      out = model_lib.apply(graphdef, params, jnp.concatenate([x_BL, uncond_BL]), valid_in, **cache_args)
+    else:
+      out = model_lib.apply(graphdef, params, x_BL, valid_in, **cache_args)
+    logits, cache = out if cache_args.get("return_cache") else (out, None)
+    if guided:
+      logits = logits[B:] + (cfg.cfg_scale + 1) * (logits[:B] - logits[B:])
+    return logits, cache
 
-  return jax.lax.fori_loop(0, steps, step, x_BL)
+  def active(x_BL):
+    return jnp.any(x_BL == mask_id, axis=1)
+
+  def apply_step(i, x_BL, commit_step_BL, steps_B, logits_BWV, start, width):
+    """Commits one step's choices inside [start, start + width), then the early-exit fill."""
+    x_BW = jax.lax.dynamic_slice_in_dim(x_BL, start, width, axis=1)
+    pos_W = start + jnp.arange(width)
+    commit_BW, x0_BW = decide(logits_BWV, x_BW, pos_W, i=i)
+    row_active_B = active(x_BL)
+    commit_BW &= row_active_B[:, None]
+    x_BL = jax.lax.dynamic_update_slice_in_dim(x_BL, jnp.where(commit_BW, x0_BW, x_BW), start, axis=1)
+    step_BW = jax.lax.dynamic_slice_in_dim(commit_step_BL, start, width, axis=1)
+    commit_step_BL = jax.lax.dynamic_update_slice_in_dim(commit_step_BL, jnp.where(commit_BW, i, step_BW),
+                                                         start, axis=1)
+    if cfg.early_exit:
+      # A row whose every remaining masked position lies after a committed EOS can only produce EOS.
+      eos_pos_B = jnp.min(jnp.where((x_BL == eos_id) & ~is_prompt_L[None, :], positions_L, L), axis=1)
+      still_BL = x_BL == mask_id
+      first_still_B = jnp.min(jnp.where(still_BL, positions_L, L), axis=1)
+      fill_BL = still_BL & (eos_pos_B < first_still_B)[:, None]
+      x_BL = jnp.where(fill_BL, eos_id, x_BL)
+      commit_step_BL = jnp.where(fill_BL, i, commit_step_BL)
+    return i + 1, x_BL, commit_step_BL, steps_B + row_active_B.astype(jnp.int32)
+
+  carry = (0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
+  if cfg.kv_cache == "none":
+    max_steps = G if cfg.threshold is not None else cfg.steps
+
+    def step(carry):
+      return apply_step(*carry, model_logits(carry[1])[0], 0, L)
+
+    carry = jax.lax.while_loop(lambda c: (c[0] < max_steps) & jnp.any(active(c[1])), step, carry)
+  else:
+    # Fast-dLLM block-wise approximate KV cache: a full pass at each block start refreshes every
+    # layer's keys/values and decodes the block's first step; later steps recompute only a window
+    # (prefix cache: the block and everything after it; dual cache: the block alone) against it.
+    per_block = cfg.block_length if cfg.threshold is not None else steps_per_block
+    for b in range(num_blocks):  # unrolled at trace time: each block's window has a static width
+      start = P + b * cfg.block_length
+      width = cfg.block_length if cfg.kv_cache == "dual" else L - start
+      logits_BLV, cache = model_logits(carry[1], return_cache=True)
+      block_first = carry[0]
+      carry = apply_step(*carry, jax.lax.dynamic_slice_in_dim(logits_BLV, start, width, axis=1), start, width)
+
+      def cached_step(carry, start=start, width=width, cache=cache):
+        x_BW = jax.lax.dynamic_slice_in_dim(carry[1], start, width, axis=1)
+        logits_BWV, _ = model_logits(x_BW, cache=cache, offset=start)
+        return apply_step(*carry, logits_BWV, start, width)
+
+      def block_open(c, start=start, block_first=block_first):
+        block_masked = jax.lax.dynamic_slice_in_dim(c[1], start, cfg.block_length, axis=1) == mask_id
+        return (c[0] - block_first < per_block) & jnp.any(block_masked & active(c[1])[:, None])
+
+      carry = jax.lax.while_loop(block_open, cached_step, carry)
+  _, x_BL, commit_step_BL, steps_B = carry
+  return GenerateOutput(x_BL, commit_step_BL, steps_B)
+
+
+def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
+             mask_id: int, eos_id: int = 1, eot_id: int | None = None, rng: jax.Array | None = None,
+             config: SamplingConfig | None = None, max_seq_len: int | None = None,
+             **options: Any) -> GenerateOutput:
+  """Runs the reverse process for a left-padded batch of prompts.
+
+  Options are a `SamplingConfig` or its fields as keywords, e.g.
+  `generate(gd, params, tokens, valid, mask_id=4, gen_length=32, steps=32, block_length=8)`.
+  Invalid options raise ValueError before compilation.
+  """
+  cfg = dataclasses.replace(config or SamplingConfig(), **options)
+  prompt_length = int(np.asarray(prompt_valid_BP).sum(axis=1).min()) if prompt_BP.shape[1] else 0
+  width = prompt_BP.shape[1]
+  cfg.validate(prompt_length, max_seq_len if max_seq_len is not None else width + cfg.gen_length, width)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng, cfg=cfg,
+                   mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
 
 
 def strip_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:

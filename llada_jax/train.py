@@ -274,11 +274,13 @@ def print_samples(config: Config, s: Setup, params: Any, tok,
     return []
   tokens, valid = sampling.left_pad([ids for _, ids in prompts], tok.pad_id)
   params = jax.device_put(params, sharding.replicated(s.mesh))
-  out = sampling.generate(s.graphdef, params, jnp.asarray(tokens), jnp.asarray(valid),
+  eot = tok.piece_to_id(tokenizer_lib.EOT)
+  out = sampling.generate(s.graphdef, params, tokens, valid, mask_id=config.diffusion.mask_token_id,
+                          eos_id=tok.eos_id, eot_id=eot, max_seq_len=config.model.max_seq_len,
                           gen_length=config.train.sample_length, steps=config.train.sample_steps,
-                          block_length=config.train.sample_length, mask_id=config.diffusion.mask_token_id)
-  out = np.asarray(jax.device_get(out))[:, tokens.shape[1]:]
-  stops = {tok.eos_id} | ({eot} if (eot := tok.piece_to_id(tokenizer_lib.EOT)) is not None else set())
+                          block_length=config.train.sample_length)
+  out = np.asarray(jax.device_get(out.tokens_BL))[:, tokens.shape[1]:]
+  stops = {tok.eos_id} | ({eot} if eot is not None else set())
   results = []
   for (shown, _), row in zip(prompts, out):
     completion = tok.decode(sampling.strip_at_stop(row, stops))

@@ -1,0 +1,100 @@
+"""`llada-sample`: complete prompts with a trained model.
+
+  llada-sample --workdir=/tmp/llada_demo --prompt="the capital of" --gen_length=32 --steps=32
+  llada-sample --workdir=... --prompt_file=prompts.txt --block_length=8 --output_json=out.json
+  llada-sample --workdir=... --prompt_ids=1,57,23 --show_steps --html=/tmp/decode.html
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from llada_jax import sampling, serving, visualize
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat for a batch).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File with one prompt per line.")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", [], "A prompt as comma-separated token ids.")
+_CHAT = flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"],
+                          "Wrap prompts in the chat template (auto: if the model was fine-tuned with SFT).")
+_GEN = flags.DEFINE_integer("gen_length", 64, "Tokens to generate.")
+_STEPS = flags.DEFINE_integer("steps", 64, "Reverse-process steps.")
+_BLOCK = flags.DEFINE_integer("block_length", 64, "Semi-autoregressive block length (= gen_length: pure diffusion).")
+_TEMP = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+_CFG = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale (0: off).")
+_REMASK = flags.DEFINE_enum("remasking", "low_confidence", list(sampling.REMASKING), "Remasking rule.")
+_THRESH = flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold in (0, 1] (default: off).")
+_NO_EOS = flags.DEFINE_bool("suppress_eos_logit", False, "Never predict EOS.")
+_EOS_LAST = flags.DEFINE_bool("suppress_eos_confidence", False, "Commit EOS / end-of-turn predictions last.")
+_CACHE = flags.DEFINE_enum("kv_cache", "none", list(sampling.KV_CACHES), "Fast-dLLM block-wise KV cache.")
+_EARLY = flags.DEFINE_bool("early_exit", False, "Stop a row once its remaining positions can only be EOS.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed (temperature, random remasking).")
+_JSON = flags.DEFINE_string("output_json", None, "Write prompts, generated ids, text and steps here.")
+_SHOW = flags.DEFINE_bool("show_steps", False, "Print the answer filling in, one line per step.")
+_HTML = flags.DEFINE_string("html", None, "Write an animated HTML view of the first prompt's decode here.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks.")
+
+
+def _prompts() -> tuple[list[str], list[list[int]] | None]:
+  texts = list(_PROMPT.value)
+  if _PROMPT_FILE.value:
+    try:
+      with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+        texts += [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+      raise FileNotFoundError(f"--prompt_file {_PROMPT_FILE.value}: {e.strerror}") from e
+  if _PROMPT_IDS.value:
+    try:
+      return [], [[int(i) for i in _PROMPT_IDS.value]]
+    except ValueError as e:
+      raise ValueError(f"--prompt_ids must be comma-separated integers: {e}") from e
+  if not texts:
+    raise ValueError("give a prompt: --prompt, --prompt_file or --prompt_ids")
+  return texts, None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    texts, ids = _prompts()
+    model = serving.load(_WORKDIR.value, _STEP.value)
+    chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
+    if ids is not None and max(ids[0], default=-1) >= model.tokenizer.vocab_size:
+      raise ValueError(f"--prompt_ids holds ids outside the vocabulary [0, {model.tokenizer.vocab_size})")
+    results = model.complete(texts, chat=chat, prompt_ids=ids, seed=_SEED.value, gen_length=_GEN.value,
+                             steps=_STEPS.value, block_length=_BLOCK.value, temperature=_TEMP.value,
+                             cfg_scale=_CFG.value, remasking=_REMASK.value, threshold=_THRESH.value,
+                             suppress_eos_logit=_NO_EOS.value, suppress_eos_confidence=_EOS_LAST.value,
+                             early_exit=_EARLY.value, kv_cache=_CACHE.value)
+  except (ValueError, FileNotFoundError) as e:
+    if _VERBOSE.value:
+      raise
+    print(f"llada-sample: error: {e}", file=sys.stderr)
+    return 1
+  for r in results:
+    print(f"{r.prompt!r} -> {r.text!r}  ({r.steps} steps)")
+    if _SHOW.value:
+      print(visualize.terminal_view(model.tokenizer, r.raw_ids, r.commit_step))
+  if _HTML.value:
+    r = results[0]
+    with open(_HTML.value, "w", encoding="utf-8") as f:
+      f.write(visualize.html_view(model.tokenizer, r.prompt, r.raw_ids, r.commit_step))
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump([{"prompt": r.prompt, "token_ids": r.token_ids, "text": r.text, "steps": r.steps}
+                 for r in results], f, indent=2)
+  return 0
+
+
+def run():
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,122 @@
+"""A trained model ready to sample from: load it from a workdir, complete prompts, chat.
+
+Used by `llada-sample`, `llada-chat` and notebooks:
+
+  model = serving.load("/tmp/llada_demo")
+  print(model.complete(["the capital of"], gen_length=32, steps=32, block_length=32)[0].text)
+  chat = serving.ChatSession(model); chat.send("what is 3 plus 4?")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llada_jax import checkpoint as ckpt_lib, model as model_lib, sampling, sharding
+from llada_jax.config import Config, from_config_dict
+from llada_jax.data import sft, tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class Completion:
+  prompt: str
+  token_ids: list[int]       # generated ids, up to (not including) the first EOS / end-of-turn
+  text: str
+  steps: int                 # reverse-process steps this row took
+  commit_step: list[int]     # step at which each generated position was committed (for visualising)
+  raw_ids: list[int]         # every generated position, EOS padding included
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: Config
+  graphdef: nnx.GraphDef
+  params: Any
+  tokenizer: Any
+  step: int
+
+  @property
+  def is_chat(self) -> bool:
+    return self.config.diffusion.objective == "sft"
+
+  def encode_prompt(self, text: str, chat: bool | None = None) -> list[int]:
+    """Chat models get the chat template with a generation prompt; base models start a document."""
+    tok = self.tokenizer
+    if self.is_chat if chat is None else chat:
+      return sft.render_prompt([{"role": "user", "content": text}], tok)
+    return [tok.eos_id] + tok.encode(text)
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
+                   **options: Any) -> sampling.GenerateOutput:
+    tokens, valid = sampling.left_pad(prompts, self.tokenizer.pad_id)
+    return sampling.generate(
+        self.graphdef, self.params, tokens, valid, mask_id=self.config.diffusion.mask_token_id,
+        eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
+        rng=jax.random.key(seed), max_seq_len=self.config.model.max_seq_len, **options)
+
+  def complete(self, prompts: Sequence[str], *, chat: bool | None = None, seed: int = 0,
+               prompt_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> list[Completion]:
+    """Completes text prompts (or raw `prompt_ids`) with `sampling.generate` options."""
+    ids = list(prompt_ids) if prompt_ids is not None else [self.encode_prompt(p, chat) for p in prompts]
+    out = jax.device_get(self.generate_ids(ids, seed=seed, **options))
+    width = max(len(p) for p in ids)
+    tok = self.tokenizer
+    stops = {tok.eos_id} | ({e} if (e := tok.piece_to_id(tokenizer_lib.EOT)) is not None else set())
+    results = []
+    for row, shown in enumerate(prompts if prompt_ids is None else [tok.decode(p) for p in ids]):
+      raw = [int(i) for i in np.asarray(out.tokens_BL[row, width:])]
+      kept = sampling.strip_at_stop(raw, stops)
+      results.append(Completion(shown, kept, tok.decode(kept), int(out.steps_B[row]),
+                                [int(s) for s in np.asarray(out.commit_step_BL[row, width:])], raw))
+    return results
+
+
+def load(workdir: str, step: int | None = None) -> LoadedModel:
+  """Parameters (no optimizer state), config and tokenizer of a training workdir.
+
+  Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same).
+  """
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (llada-train --workdir=...)")
+  config = from_config_dict(ckpt.restore_config(step))
+  model_cfg = dataclasses.replace(config.model, scan_layers=jax.default_backend() == "cpu")
+  graphdef, abstract = model_lib.abstract_model(model_cfg)
+  mesh = sharding.make_mesh(config.mesh) if _mesh_fits(config) else sharding.make_mesh(
+      dataclasses.replace(config.mesh, data=1, fsdp=-1, tensor=1))
+  shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
+  params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
+  ckpt.close()
+  tok_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
+  tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tok_path)
+  return LoadedModel(dataclasses.replace(config, model=model_cfg), graphdef, params, tokenizer, step)
+
+
+def _mesh_fits(config: Config) -> bool:
+  try:
+    config.mesh.axis_sizes(len(jax.devices()))
+    return True
+  except ValueError:
+    return False
+
+
+class ChatSession:
+  """Multi-turn chat: the history (previous answers, EOS removed) is fed back each turn."""
+
+  def __init__(self, model: LoadedModel, system: str | None = None, **options: Any):
+    self.model, self.options = model, options
+    self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+  def send(self, text: str, **options: Any) -> Completion:
+    self.messages.append({"role": "user", "content": text})
+    ids = sft.render_prompt(self.messages, self.model.tokenizer)
+    reply = self.model.complete([text], prompt_ids=[ids], **{**self.options, **options})[0]
+    reply.prompt = text
+    self.messages.append({"role": "assistant", "content": reply.text})
+    return reply
