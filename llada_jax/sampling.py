@@ -142,7 +142,10 @@ def _decide(cfg: SamplingConfig, logits_BWV, x_BW, pos_W, *, P: int, L: int, i, 
   rng_noise, rng_conf = jax.random.split(jax.random.fold_in(rng, i))
   if cfg.suppress_eos_logit:
     logits_BWV = logits_BWV.at[..., eos_id].set(-jnp.inf)
-  x0_BW = _gumbel_argmax(logits_BWV, rng_noise, cfg.temperature).astype(x_BW.dtype)
+  # The mask token is never a prediction (a trained model does not produce it; committing it would
+  # leave the position masked). Excluded from the argmax only, so confidences are the release's.
+  x0_BW = _gumbel_argmax(logits_BWV.at[..., mask_id].set(-jnp.inf), rng_noise, cfg.temperature)
+  x0_BW = x0_BW.astype(x_BW.dtype)
   probs_BWV = jax.nn.softmax(logits_BWV, axis=-1)
   conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking, rng_conf)
   if cfg.suppress_eos_confidence:
