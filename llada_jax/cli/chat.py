@@ -8,9 +8,10 @@ without their EOS padding) are fed back as history. From a notebook use `serving
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from llada_jax import serving
+from llada_jax.cli import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an SFT run.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
@@ -20,33 +21,23 @@ _BLOCK = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block len
 _THRESH = flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold in (0, 1].")
 _TEMP = flags.DEFINE_float("temperature", 0.0, "Sampling temperature.")
 _CACHE = flags.DEFINE_enum("kv_cache", "none", ["none", "prefix", "dual"], "Fast-dLLM block-wise KV cache.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks.")
 
 
+@common.user_errors("llada-chat")
 def main(argv):
   del argv
-  if not _VERBOSE.value:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    model = serving.load(_WORKDIR.value)
-    session = serving.ChatSession(model, system=_SYSTEM.value, gen_length=_GEN.value, steps=_STEPS.value,
-                                  block_length=_BLOCK.value, threshold=_THRESH.value,
-                                  temperature=_TEMP.value, kv_cache=_CACHE.value,
-                                  suppress_eos_confidence=True)
-    interactive = sys.stdin.isatty()
-    while True:
-      if interactive:
-        print("you> ", end="", flush=True)
-      line = sys.stdin.readline()
-      if not line.strip():
-        break
-      reply = session.send(line.strip())
-      print(f"llada> {reply.text}", flush=True)
-  except (ValueError, FileNotFoundError) as e:
-    if _VERBOSE.value:
-      raise
-    print(f"llada-chat: error: {e}", file=sys.stderr)
-    return 1
+  model = serving.load(_WORKDIR.value)
+  session = serving.ChatSession(model, system=_SYSTEM.value, gen_length=_GEN.value, steps=_STEPS.value,
+                                block_length=_BLOCK.value, threshold=_THRESH.value, temperature=_TEMP.value,
+                                kv_cache=_CACHE.value, suppress_eos_confidence=True)
+  interactive = sys.stdin.isatty()
+  while True:
+    if interactive:
+      print("you> ", end="", flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+      break
+    print(f"llada> {session.send(line.strip()).text}", flush=True)
   return 0
 
 

@@ -6,11 +6,11 @@
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from llada_jax import sampling, serving, visualize
+from llada_jax.cli import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -34,7 +34,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed (temperature, random remask
 _JSON = flags.DEFINE_string("output_json", None, "Write prompts, generated ids, text and steps here.")
 _SHOW = flags.DEFINE_bool("show_steps", False, "Print the answer filling in, one line per step.")
 _HTML = flags.DEFINE_string("html", None, "Write an animated HTML view of the first prompt's decode here.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks.")
 
 
 def _prompts() -> tuple[list[str], list[list[int]] | None]:
@@ -55,27 +54,20 @@ def _prompts() -> tuple[list[str], list[list[int]] | None]:
   return texts, None
 
 
+@common.user_errors("llada-sample")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _VERBOSE.value:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    texts, ids = _prompts()
-    model = serving.load(_WORKDIR.value, _STEP.value)
-    chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
-    if ids is not None and max(ids[0], default=-1) >= model.tokenizer.vocab_size:
-      raise ValueError(f"--prompt_ids holds ids outside the vocabulary [0, {model.tokenizer.vocab_size})")
-    results = model.complete(texts, chat=chat, prompt_ids=ids, seed=_SEED.value, gen_length=_GEN.value,
-                             steps=_STEPS.value, block_length=_BLOCK.value, temperature=_TEMP.value,
-                             cfg_scale=_CFG.value, remasking=_REMASK.value, threshold=_THRESH.value,
-                             suppress_eos_logit=_NO_EOS.value, suppress_eos_confidence=_EOS_LAST.value,
-                             early_exit=_EARLY.value, kv_cache=_CACHE.value)
-  except (ValueError, FileNotFoundError) as e:
-    if _VERBOSE.value:
-      raise
-    print(f"llada-sample: error: {e}", file=sys.stderr)
-    return 1
+  texts, ids = _prompts()
+  model = serving.load(_WORKDIR.value, _STEP.value)
+  chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
+  if ids is not None and max(ids[0], default=-1) >= model.tokenizer.vocab_size:
+    raise ValueError(f"--prompt_ids holds ids outside the vocabulary [0, {model.tokenizer.vocab_size})")
+  results = model.complete(texts, chat=chat, prompt_ids=ids, seed=_SEED.value, gen_length=_GEN.value,
+                           steps=_STEPS.value, block_length=_BLOCK.value, temperature=_TEMP.value,
+                           cfg_scale=_CFG.value, remasking=_REMASK.value, threshold=_THRESH.value,
+                           suppress_eos_logit=_NO_EOS.value, suppress_eos_confidence=_EOS_LAST.value,
+                           early_exit=_EARLY.value, kv_cache=_CACHE.value)
   for r in results:
     print(f"{r.prompt!r} -> {r.text!r}  ({r.steps} steps)")
     if _SHOW.value:

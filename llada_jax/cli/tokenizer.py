@@ -10,11 +10,10 @@ Trained models carry the special pieces the rest of the package expects (pad, EO
 piece and the chat-template pieces) at fixed ids; `--extra_pieces` adds more.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from llada_jax import config as config_lib
+from llada_jax.cli import common
 from llada_jax.data import sources, tokenizer as tokenizer_lib
 
 _INPUT = flags.DEFINE_list("input", [], "train: files or globs (comma-separated).")
@@ -32,7 +31,6 @@ _OUTPUT = flags.DEFINE_string("output", "", "train: where to write the .model fi
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "encode/decode: the .model file.")
 _TEXT = flags.DEFINE_string("text", None, "encode: text to encode.")
 _IDS = flags.DEFINE_list("ids", [], "decode: comma-separated token ids.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks.")
 
 _USAGE = "usage: llada-tokenizer {train|encode|decode} [flags]; see --helpfull"
 
@@ -58,29 +56,22 @@ def _load() -> tokenizer_lib.SentencePieceTokenizer:
   return tokenizer_lib.SentencePieceTokenizer.load(_TOKENIZER.value)
 
 
+@common.user_errors("llada-tokenizer")
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("train", "encode", "decode"):
     raise app.UsageError(_USAGE)
-  if not _VERBOSE.value:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    if argv[1] == "train":
-      _train()
-    elif argv[1] == "encode":
-      if _TEXT.value is None:
-        raise ValueError("--text is required for encode")
-      print(",".join(str(i) for i in _load().encode(_TEXT.value)))
-    else:
-      try:
-        ids = [int(i) for i in _IDS.value]
-      except ValueError as e:
-        raise ValueError(f"--ids must be comma-separated integers: {e}") from e
-      print(_load().decode(ids))
-  except (ValueError, FileNotFoundError) as e:
-    if _VERBOSE.value:
-      raise
-    print(f"llada-tokenizer: error: {e}", file=sys.stderr)
-    return 1
+  if argv[1] == "train":
+    _train()
+  elif argv[1] == "encode":
+    if _TEXT.value is None:
+      raise ValueError("--text is required for encode")
+    print(",".join(str(i) for i in _load().encode(_TEXT.value)))
+  else:
+    try:
+      ids = [int(i) for i in _IDS.value]
+    except ValueError as e:
+      raise ValueError(f"--ids must be comma-separated integers: {e}") from e
+    print(_load().decode(ids))
   return 0
 
 
