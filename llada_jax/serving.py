@@ -61,17 +61,19 @@ class LoadedModel:
 
   def complete(self, prompts: Sequence[str], *, chat: bool | None = None, seed: int = 0,
                prompt_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> list[Completion]:
-    """Completes text prompts (or raw `prompt_ids`) with `sampling.generate` options."""
+    """Completes text prompts with `sampling.generate` options. With `prompt_ids` those ids are the
+    prompts and `prompts` (if given) is only what each completion shows as its prompt."""
+    tok = self.tokenizer
     ids = list(prompt_ids) if prompt_ids is not None else [self.encode_prompt(p, chat) for p in prompts]
+    shown = list(prompts) if prompts else [tok.decode(p) for p in ids]
     out = jax.device_get(self.generate_ids(ids, seed=seed, **options))
     width = max(len(p) for p in ids)
-    tok = self.tokenizer
-    stops = {tok.eos_id} | ({e} if (e := tok.piece_to_id(tokenizer_lib.EOT)) is not None else set())
+    stops = tokenizer_lib.stop_ids(tok)
     results = []
-    for row, shown in enumerate(prompts if prompt_ids is None else [tok.decode(p) for p in ids]):
+    for row, text in enumerate(shown):
       raw = [int(i) for i in np.asarray(out.tokens_BL[row, width:])]
       kept = sampling.strip_at_stop(raw, stops)
-      results.append(Completion(shown, kept, tok.decode(kept), int(out.steps_B[row]),
+      results.append(Completion(text, kept, tok.decode(kept), int(out.steps_B[row]),
                                 [int(s) for s in np.asarray(out.commit_step_BL[row, width:])], raw))
     return results
 
@@ -117,6 +119,5 @@ class ChatSession:
     self.messages.append({"role": "user", "content": text})
     ids = sft.render_prompt(self.messages, self.model.tokenizer)
     reply = self.model.complete([text], prompt_ids=[ids], **{**self.options, **options})[0]
-    reply.prompt = text
     self.messages.append({"role": "assistant", "content": reply.text})
     return reply

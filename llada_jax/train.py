@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 
 from llada_jax import checkpoint as ckpt_lib
-from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, sampling, sharding
+from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, serving, sharding
 from llada_jax.config import Config
-from llada_jax.data import pipeline, tokenizer as tokenizer_lib
+from llada_jax.data import pipeline
 
 
 @flax.struct.dataclass
@@ -272,19 +272,13 @@ def print_samples(config: Config, s: Setup, params: Any, tok,
   """Completes (shown text, token ids) prompts with the reverse process; prints prompt -> completion."""
   if not prompts:
     return []
-  tokens, valid = sampling.left_pad([ids for _, ids in prompts], tok.pad_id)
-  params = jax.device_put(params, sharding.replicated(s.mesh))
-  eot = tok.piece_to_id(tokenizer_lib.EOT)
-  out = sampling.generate(s.graphdef, params, tokens, valid, mask_id=config.diffusion.mask_token_id,
-                          eos_id=tok.eos_id, eot_id=eot, max_seq_len=config.model.max_seq_len,
-                          gen_length=config.train.sample_length, steps=config.train.sample_steps,
-                          block_length=config.train.sample_length)
-  out = np.asarray(jax.device_get(out.tokens_BL))[:, tokens.shape[1]:]
-  stops = {tok.eos_id} | ({eot} if eot is not None else set())
-  results = []
-  for (shown, _), row in zip(prompts, out):
-    completion = tok.decode(sampling.strip_at_stop(row, stops))
-    results.append((shown, completion))
-    if jax.process_index() == 0:
+  loaded = serving.LoadedModel(config, s.graphdef, jax.device_put(params, sharding.replicated(s.mesh)),
+                               tok, step=config.train.num_steps)
+  completions = loaded.complete([shown for shown, _ in prompts], prompt_ids=[ids for _, ids in prompts],
+                                gen_length=config.train.sample_length, steps=config.train.sample_steps,
+                                block_length=config.train.sample_length)
+  results = [(c.prompt, c.text) for c in completions]
+  if jax.process_index() == 0:
+    for shown, completion in results:
       print(f"sample: {shown!r} -> {completion!r}", flush=True)
   return results

@@ -87,6 +87,12 @@ class SentencePieceTokenizer:
       raise ValueError(f"tokenizer file {path} is not a usable sentencepiece model: {e}") from e
 
 
+def stop_ids(tok: Tokenizer) -> set[int]:
+  """Ids that end a generated answer: EOS, and end-of-turn when the vocabulary has it."""
+  eot = tok.piece_to_id(EOT)
+  return {tok.eos_id} | ({eot} if eot is not None else set())
+
+
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "bpe",
                         extra_pieces: Sequence[str] = ()) -> SentencePieceTokenizer:
   """Trains a sentencepiece model (BPE or unigram) in memory: no files, no network.
