@@ -75,10 +75,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = me = ml_collections.ConfigDict()
   me.data = 1                # data-parallel axis size (-1: the rest of the devices)
   me.fsdp = -1               # fully-sharded data-parallel axis size
-  me.tensor = 1              # tensor-parallel axis size
-  me.rules = (               # logical axis -> mesh axes (default: DP + FSDP)
-      ("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"), ("heads", "tensor"),
-      ("kv", None), ("mlp", "tensor"), ("vocab", "tensor"), ("layers", None), ("norm", None))
+  me.tensor = 1              # tensor-parallel axis size (> 1 needs rule_set fsdp_tp)
+  me.rule_set = "fsdp"       # dp | fsdp | fsdp_tp: logical -> mesh axis table (llada_jax.sharding)
+  me.rules = ()              # overrides of single entries: (("vocab", None), ...)
 
   c.train = t = ml_collections.ConfigDict()
   t.seed = 0                 # root PRNG seed (params, masks: fold_in(key, step))
@@ -90,6 +89,7 @@ def base() -> ml_collections.ConfigDict:
   t.log_every = 10           # steps between metric lines
   t.checkpoint_every = 500   # steps between checkpoints (and one at the end)
   t.max_to_keep = 3          # checkpoints kept on disk
+  t.keep_every = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
   t.async_checkpointing = True  # write checkpoints in the background
   t.num_samples = 4          # completions printed at the end of training (0: none)
   t.sample_steps = 32        # reverse-process steps for those samples

@@ -28,17 +28,22 @@ def _existing_checkpoint_dir(path: str) -> str:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the item layout this package uses.
 
+  The newest `max_to_keep` steps are kept, plus every multiple of `keep_every` (0: none).
+
   `read_only=True` opens someone else's checkpoints (e.g. a pre-trained run to fine-tune from) without
   creating, deleting or writing anything there.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int = 0, async_save: bool = True,
+               read_only: bool = False):
     self.directory = (_existing_checkpoint_dir(workdir) if read_only
                       else os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f"no checkpoints found at {self.directory}")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           enable_async_checkpointing=async_save, read_only=read_only)
+    # keep_period: steps that are multiples of `keep_every` survive max_to_keep's garbage collection.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
+                                           create=not read_only, enable_async_checkpointing=async_save,
+                                           read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -91,6 +96,10 @@ class Checkpointer:
       raise FileNotFoundError(f"checkpoint config not found: {path}")
     with open(path) as f:
       return json.load(f)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True at the one step where every host agrees to save after a SIGTERM anywhere."""
+    return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

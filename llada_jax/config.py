@@ -16,6 +16,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 OBJECTIVES = ("pretrain", "sft", "ar")
 SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
+RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
@@ -203,24 +204,19 @@ class DataConfig:
 class MeshConfig:
   """Device mesh ('data', 'fsdp', 'tensor'); -1 means "all devices the other axes leave".
 
-  `rules` maps logical axis names (on parameters and activations) to mesh axes; the default is
-  data parallel + FSDP: batches split over data*fsdp, parameters over fsdp along their 'embed' axis.
+  `rule_set` names how logical axis names (on parameters and activations) map to mesh axes; the tables
+  live in `llada_jax.sharding.RULE_SETS`:
+    dp       batches split over data*fsdp, parameters replicated (small models)
+    fsdp     batches over data*fsdp, parameters sharded over fsdp along 'embed' (the default)
+    fsdp_tp  fsdp plus heads/mlp/vocab split over 'tensor' (Megatron-style tensor parallelism)
+  `rules` overrides single entries of the named set: pairs (logical_name, mesh axis | tuple | None).
   """
 
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
-  rules: tuple[tuple[str, Any], ...] = (
-      ("batch", ("data", "fsdp")),
-      ("length", None),
-      ("embed", "fsdp"),
-      ("heads", "tensor"),
-      ("kv", None),
-      ("mlp", "tensor"),
-      ("vocab", "tensor"),
-      ("layers", None),
-      ("norm", None),
-  )
+  rule_set: str = "fsdp"
+  rules: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -229,9 +225,13 @@ class MeshConfig:
         _fail(f"mesh.{name}", "a positive integer or -1 (the rest of the devices)", v)
     if sum(v == -1 for v in sizes.values()) > 1:
       _fail("mesh", "a shape with at most one -1 among data/fsdp/tensor", sizes)
+    _check_choice("mesh", "rule_set", self.rule_set, RULE_SETS)
+    if self.rule_set != "fsdp_tp" and self.tensor != 1 and not self.rules:
+      _fail("mesh.tensor", f"1 with rule_set={self.rule_set!r} (only 'fsdp_tp' splits over 'tensor'; "
+            "a larger tensor axis would idle)", self.tensor)
     known = {"data", "fsdp", "tensor", None}
     for rule in self.rules:
-      if len(rule) != 2 or not isinstance(rule[0], str):
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
         _fail("mesh.rules", "pairs (logical_name, mesh_axis or tuple of mesh axes or None)", rule)
       targets = rule[1] if isinstance(rule[1], tuple) else (rule[1],)
       if any(t not in known for t in targets):
@@ -267,6 +267,7 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 500
   max_to_keep: int = 3
+  keep_every: int = 0
   async_checkpointing: bool = True
   num_samples: int = 4
   sample_steps: int = 32
@@ -281,6 +282,7 @@ class TrainConfig:
                  "checkpoint_every", "max_to_keep", "sample_steps", "sample_length"):
       _check_int(s, name, getattr(self, name), 1)
     _check_int(s, "num_samples", self.num_samples, 0)
+    _check_int(s, "keep_every", self.keep_every, 0)
     if self.batch_size % self.grad_accum_steps:
       _fail(f"{s}.grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}", self.grad_accum_steps)
 

@@ -2,8 +2,8 @@
 
 The only module that knows how Flax spells sharding metadata (`out_sharding`, `eager_sharding`) and how
 the mesh is laid out. The model names axes logically ('batch', 'length', 'embed', 'heads', 'kv', 'mlp',
-'vocab', 'layers', 'norm'); `MeshConfig.rules` maps those names onto the mesh axes
-('data', 'fsdp', 'tensor').
+'vocab', 'layers', 'norm'); a named rule set (`MeshConfig.rule_set`, tables in `RULE_SETS`, single
+entries overridable by `MeshConfig.rules`) maps those names onto the mesh axes ('data', 'fsdp', 'tensor').
 """
 
 from __future__ import annotations
@@ -17,9 +17,31 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from llada_jax import config as config_lib
 from llada_jax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+_ALWAYS = (("length", None), ("kv", None), ("layers", None), ("norm", None))
+RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Every device holds all parameters; the batch is split over data*fsdp.
+    "dp": (("batch", ("data", "fsdp")), ("embed", None), ("heads", None), ("mlp", None),
+           ("vocab", None)) + _ALWAYS,
+    # ZeRO-3 style: parameters (and optimizer state) split over fsdp along 'embed', gathered per layer.
+    "fsdp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", None), ("mlp", None),
+             ("vocab", None)) + _ALWAYS,
+    # fsdp, plus attention heads, MLP hidden units and the vocabulary split over 'tensor'.
+    "fsdp_tp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+                ("vocab", "tensor")) + _ALWAYS,
+}
+assert tuple(RULE_SETS) == config_lib.RULE_SETS
+
+
+def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
+  """The logical -> mesh axis rules of `cfg`: its named set with `cfg.rules` entries replacing those."""
+  table = dict(RULE_SETS[cfg.rule_set])
+  table.update(dict(cfg.rules))
+  return tuple(table.items())
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -44,17 +66,17 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
 @contextlib.contextmanager
 def use_rules(cfg: MeshConfig, mesh: jax.sharding.Mesh) -> Iterator[None]:
   """Activates `mesh` and the logical rules for tracing: `constrain` and `logical_spec` read them."""
-  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(cfg.rules):
+  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules(cfg)):
     yield
 
 
-def logical_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]] | None = None) -> P:
+def logical_spec(names: Sequence[str | None], rule_table: Sequence[tuple[str, Any]] | None = None) -> P:
   """Logical axis names -> PartitionSpec over mesh axes. A mesh axis is used at most once per spec."""
-  rules = dict(flax_spmd.get_logical_axis_rules() if rules is None else rules)
+  table = dict(flax_spmd.get_logical_axis_rules() if rule_table is None else rule_table)
   used: set[str] = set()
   out = []
   for name in names:
-    target = rules.get(name) if name is not None else None
+    target = table.get(name) if name is not None else None
     axes = target if isinstance(target, tuple) else ((target,) if target else ())
     axes = tuple(a for a in axes if a not in used)
     used.update(axes)
@@ -83,13 +105,13 @@ def param_logical_axes(abstract_state: nnx.State) -> dict:
 
 def tree_shardings(logical_axes: Any, cfg: MeshConfig, mesh: jax.sharding.Mesh) -> Any:
   """Maps a tree of logical-name tuples to NamedShardings on `mesh` (concrete: Orbax can use them)."""
-  return jax.tree.map(lambda names: NamedSharding(mesh, logical_spec(names, cfg.rules)), logical_axes,
+  return jax.tree.map(lambda names: NamedSharding(mesh, logical_spec(names, rules(cfg))), logical_axes,
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_sharding(cfg: MeshConfig, mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, length, ...] input array."""
-  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), cfg.rules))
+  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), rules(cfg)))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -98,6 +120,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def batch_divisor(cfg: MeshConfig, mesh: jax.sharding.Mesh) -> int:
   """How many ways the batch dimension is split; global batches must be a multiple of it."""
-  spec = logical_spec(("batch",), cfg.rules)[0]
+  spec = logical_spec(("batch",), rules(cfg))[0]
   axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

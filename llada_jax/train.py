@@ -1,14 +1,16 @@
 """The training step (pure, jitted, sharded) and the loop around it.
 
-`train_step(state, batch, rng) -> (state, metrics)` is a pure function: the per-step key is
-`fold_in(rng, state.step)`, so a resumed run draws the same masks as an uninterrupted one. The loop owns
-the side effects: data, checkpoints, metrics and the samples printed at the end.
+`train_step(state, batch) -> (state, metrics)` is a pure function: the state carries the run's key, and
+the per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws the same masks as an
+uninterrupted one. The loop owns the side effects: data, checkpoints, metrics, preemption and the
+samples printed at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -30,6 +32,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  rng: jax.Array  # uint32 key data of the per-step key (raw, so Orbax stores it like any array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   accum = config.train.grad_accum_steps
   grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r), has_aux=True)
 
-  def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-    step_rng = jax.random.fold_in(rng, state.step)
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
       (loss, out), grads = grad_fn(state.params, batch, step_rng)
       num_masked, num_correct = out.num_masked, out.num_correct
@@ -97,7 +100,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
@@ -119,21 +122,22 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
-  abstract_state = ckpt_lib.abstract_like(
-      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
-      state_shardings)
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl)
 
   def init_fn(rng: jax.Array) -> TrainState:
-    params = model_lib.init_params(config.model, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    params_key, step_key = jax.random.split(rng)
+    params = model_lib.init_params(config.model, params_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(step_key))
+
+  abstract_state = ckpt_lib.abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
 
   batch_sh = {name: sharding.batch_sharding(config.mesh, mesh, ndim)
               for name, ndim in batch_fields(config).items()}
   with sharding.use_rules(config.mesh, mesh):
     init = jax.jit(init_fn, out_shardings=state_shardings)
     step = jax.jit(make_train_step(config, graphdef, tx, schedule),
-                   in_shardings=(state_shardings, batch_sh, repl), out_shardings=(state_shardings, repl),
+                   in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                    donate_argnums=0)
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step)
 
@@ -146,10 +150,9 @@ def batch_fields(config: Config) -> dict[str, int]:
   return {"tokens": 2, **sft_fields}
 
 
-def root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
-  """(parameter-init key, per-step key) from the config seed."""
-  params_key, step_key = jax.random.split(jax.random.key(config.train.seed))
-  return params_key, step_key
+def root_key(config: Config) -> jax.Array:
+  """The run's one root key (`Setup.init` splits it into parameter-init and per-step keys)."""
+  return jax.random.key(config.train.seed)
 
 
 def global_batch(s: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -160,12 +163,12 @@ def global_batch(s: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.A
   return {k: jax.make_array_from_process_local_data(s.batch_shardings[k], v) for k, v in host_batch.items()}
 
 
-def run_steps(s: Setup, state: TrainState, batches, rng: jax.Array, num_steps: int) -> tuple[TrainState, list]:
+def run_steps(s: Setup, state: TrainState, batches, num_steps: int) -> tuple[TrainState, list]:
   """Runs `num_steps` steps without logging (tests, benchmarks); returns the state and host metrics."""
   history = []
   with sharding.use_rules(s.config.mesh, s.mesh):
     for _ in range(num_steps):
-      state, m = s.step(state, global_batch(s, next(batches)), rng)
+      state, m = s.step(state, global_batch(s, next(batches)))
       history.append(m)
   return state, jax.device_get(history)
 
@@ -203,12 +206,46 @@ def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState
   return state.replace(params=params)
 
 
+class _PreemptionNotice:
+  """Whether the job has been asked to stop (TPU maintenance events and preemptions send SIGTERM).
+
+  One process: a SIGTERM handler sets a flag that the loop reads after each step. Several processes:
+  JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any host and
+  agrees on one step at which *every* host sees True (Orbax's sync point), so all hosts save the same
+  step and none is left waiting in a collective; a per-host Python handler could not promise that.
+  """
+
+  def __init__(self, ckpt: ckpt_lib.Checkpointer):
+    self._ckpt = ckpt
+    self._signalled = False
+    self._previous = None
+
+  def __enter__(self) -> "_PreemptionNotice":
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._signalled = True
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._ckpt.reached_preemption(step)
+    return self._signalled
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then prints samples.
 
-  `stop_at` ends the run early, with a checkpoint, after that step, as a preempted job would; the
-  schedule still follows `train.num_steps`, so a later call resumes exactly where this one stopped.
-  Returns a summary: final step, last logged metrics, wall time, samples and the final state.
+  `stop_at` ends the run early, with a checkpoint, after that step (for a time-limited allocation); the
+  schedule still follows `train.num_steps`, so a later call resumes exactly where this one stopped. A
+  SIGTERM does the same at the next step boundary. Returns a summary: final step, last logged metrics,
+  wall time, whether the run was preempted, samples and the final state.
   """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -222,8 +259,8 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   s = setup(config)
   data_iter = data.iterator
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                               keep_every=config.train.keep_every,
                                async_save=config.train.async_checkpointing)
-  params_key, step_key = root_keys(config)
   start = ckpt.latest_step()
   if start is not None:
     _check_resume_config(config, ckpt.restore_config(start), ckpt.directory)
@@ -231,7 +268,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
     print(f"resumed from step {start} in {ckpt.directory}", flush=True)
   else:
     start = 0
-    state = s.init(params_key)
+    state = s.init(root_key(config))
     if config.train.init_from:
       state = _init_params_from(config, s, state)
   if jax.process_index() == 0:
@@ -248,23 +285,31 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
       flops_per_step=metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step,
       peak_flops=peak * s.mesh.size if peak else None)
   end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
-  with sharding.use_rules(config.mesh, s.mesh):
+  preempted = False
+  with sharding.use_rules(config.mesh, s.mesh), _PreemptionNotice(ckpt) as stop_requested:
     for step in range(start, end):
-      state, m = s.step(state, global_batch(s, next(data_iter)), step_key)
+      state, m = s.step(state, global_batch(s, next(data_iter)))
       done = step + 1
-      logger.add(done, m, log_now=done % config.train.log_every == 0 or done == end)
-      if done % config.train.checkpoint_every == 0 or done == end:
-        ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict())
+      preempted = stop_requested(done)
+      last_step = done == end or preempted
+      logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
+      if done % config.train.checkpoint_every == 0 or last_step:
+        ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
+      if preempted:
+        if jax.process_index() == 0:
+          print(f"stop requested (SIGTERM): saved step {done}; rerun the same command to resume", flush=True)
+        break
     last = logger.flush()
-  ckpt.wait()
+    ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
   ckpt.close()
   writer.close()
   # The diffusion sampler predicts each masked position itself; a causal model predicts the next token,
   # so the autoregressive baseline gets no samples here.
-  want_samples = config.train.num_samples and not config.model.causal and end == config.train.num_steps
+  finished = int(state.step) == config.train.num_steps
+  want_samples = config.train.num_samples and not config.model.causal and finished
   samples = print_samples(config, s, state.params, tok, data.sample_prompts) if want_samples else []
   return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
-          "samples": samples, "state": state}
+          "preempted": preempted, "samples": samples, "state": state}
 
 
 def print_samples(config: Config, s: Setup, params: Any, tok,

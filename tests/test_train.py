@@ -25,21 +25,34 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def test_sharded_step_equals_single_device_step(devices):
-  """Three steps on an 8-device data+FSDP mesh give the single-device losses and parameters."""
-  results = []
-  for devs, data_axis in ((devices[:1], 1), (devices, 2)):
-    cfg = tiny_config(**{"mesh.data": data_axis, "mesh.fsdp": -1})
-    mesh = sharding.make_mesh(cfg.mesh, devs)
-    s = train.setup(cfg, mesh)
-    params_key, step_key = train.root_keys(cfg)
-    state = s.init(params_key)
-    state, hist = train.run_steps(s, state, _batches(cfg), step_key, 3)
-    results.append((state, [h["loss"] for h in hist]))
-  (state1, loss1), (state8, loss8) = results
-  assert state8.params["embedding"].sharding.spec == sharding.logical_spec(("vocab", "embed"), cfg.mesh.rules)
-  assert len(state8.params["embedding"].sharding.device_set) == 8
-  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+@pytest.fixture(scope="module")
+def single_device_run(devices):
+  """Three steps of the tiny model on one device: the reference every sharded layout must reproduce."""
+  cfg = tiny_config()
+  s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices[:1]))
+  state, hist = train.run_steps(s, s.init(train.root_key(cfg)), _batches(cfg), 3)
+  return state, [h["loss"] for h in hist]
+
+
+@pytest.mark.parametrize("rule_set, mesh_shape, sharded_leaf", [
+    ("dp", {"mesh.data": 8, "mesh.fsdp": 1}, None),
+    ("fsdp", {"mesh.data": 2, "mesh.fsdp": -1}, ("embedding", 1, "fsdp")),
+    ("fsdp_tp", {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}, ("lm_head", 1, "tensor")),
+])
+def test_sharded_step_equals_single_device_step(devices, single_device_run, rule_set, mesh_shape,
+                                                sharded_leaf):
+  """Three steps on the 8-device mesh under each rule set give the single-device losses and params."""
+  cfg = tiny_config(**{"mesh.rule_set": rule_set, **mesh_shape})
+  s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
+  state8, hist = train.run_steps(s, s.init(train.root_key(cfg)), _batches(cfg), 3)
+  state1, loss1 = single_device_run
+  if rule_set == "dp":  # nothing split: every device holds every parameter
+    assert all(l.sharding.is_fully_replicated for l in jax.tree.leaves(state8.params))
+  else:
+    leaf = state8.params[sharded_leaf[0]]
+    assert leaf.sharding.spec[sharded_leaf[1]] == sharded_leaf[2]
+    assert not leaf.sharding.is_fully_replicated
+  np.testing.assert_allclose(loss1, [h["loss"] for h in hist], rtol=1e-5)
   for a, b in zip(_leaves(state1.params), _leaves(state8.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -49,14 +62,13 @@ def test_sft_step_runs_sharded(devices):
   prompt lengths is refused with a message naming the missing field."""
   cfg = tiny_config(**{"diffusion.objective": "sft"})
   s = train.setup(cfg)
-  params_key, step_key = train.root_keys(cfg)
   tokens = next(_batches(cfg))["tokens"]
   prompt_len = np.full((cfg.train.batch_size,), 10, np.int32)
   valid = np.ones(tokens.shape, bool)
   with sharding.use_rules(cfg.mesh, s.mesh):
-    state = s.init(params_key)
+    state = s.init(train.root_key(cfg))
     batch = {"tokens": tokens, "prompt_len": prompt_len, "valid": valid}
-    _, m = s.step(state, train.global_batch(s, batch), step_key)
+    _, m = s.step(state, train.global_batch(s, batch))
   assert np.isfinite(float(m["loss"]))
   with pytest.raises(ValueError, match="prompt_len"):
     train.global_batch(s, {"tokens": tokens})
@@ -66,7 +78,6 @@ def test_tiny_run_loss_decreases(devices):
   """The diffusion bound on a fixed batch, averaged over fixed masks, falls by training."""
   cfg = tiny_config(**{"train.num_steps": 100, "optim.peak_lr": 1e-2})
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices[:1]))
-  params_key, step_key = train.root_keys(cfg)
   held_out = {"tokens": next(_batches(cfg, shuffle_seed=1))["tokens"]}
 
   @jax.jit
@@ -74,9 +85,9 @@ def test_tiny_run_loss_decreases(devices):
     keys = jax.random.split(jax.random.key(123), 16)
     return jax.vmap(lambda k: train._loss(cfg, s.graphdef, params, held_out, k)[0])(keys).mean()
 
-  state = s.init(params_key)
+  state = s.init(train.root_key(cfg))
   before = float(eval_loss(jax.device_get(state.params)))
-  state, hist = train.run_steps(s, state, _batches(cfg), step_key, 100)
+  state, hist = train.run_steps(s, state, _batches(cfg), 100)
   after = float(eval_loss(jax.device_get(state.params)))
   assert after < 0.85 * before, (before, after)
   assert all(np.isfinite(h["loss"]) and 0.0 <= h["masked_accuracy"] <= 1.0 for h in hist)
@@ -90,8 +101,7 @@ def test_grad_accumulation_matches_full_batch(devices):
   for accum in (1, 2):
     cfg = tiny_config(**overrides, **{"train.grad_accum_steps": accum})
     s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices[:1]))
-    params_key, step_key = train.root_keys(cfg)
-    state, hist = train.run_steps(s, s.init(params_key), _batches(cfg), step_key, 2)
+    state, hist = train.run_steps(s, s.init(train.root_key(cfg)), _batches(cfg), 2)
     states.append((state, hist))
   (a, ha), (b, hb) = states
   np.testing.assert_allclose([h["loss"] for h in ha], [h["loss"] for h in hb], rtol=1e-5)

@@ -1,11 +1,68 @@
 """What every llada_jax command shares: `--verbose`, quiet logs, and one-line errors for user mistakes."""
 
 import functools
+import os
 import sys
 
+import jax
 from absl import flags, logging
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks and INFO logs.")
+DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "yes", "no"],
+    "Multi-process run (one process per host): 'yes' calls jax.distributed.initialize(), which finds "
+    "the coordinator by itself on Cloud TPU VMs and under SLURM/Open MPI; 'auto' does so when "
+    "--coordinator_address is given or a multi-process launcher's environment is detected.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                  "host:port of process 0, for multi-process runs outside TPU VMs/SLURM.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the run.",
+                                     lower_bound=1)
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
+                                  lower_bound=0)
+
+# Environment variables a multi-process launcher sets, with the process count they hold.
+_LAUNCHER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _launched_as_many() -> bool:
+  if any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCHER_ENV):
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # Cloud TPU VM pod slice
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts JAX's multi-host runtime when this is one process of several (see --distributed).
+
+  Must run before anything asks JAX for devices. Every process then runs the same program; each sees
+  all devices of the slice in `jax.devices()` and feeds its own share of each batch.
+  """
+  explicit = {"coordinator_address": COORDINATOR.value, "num_processes": NUM_PROCESSES.value,
+              "process_id": PROCESS_ID.value}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  mode = DISTRIBUTED.value
+  if mode == "no":
+    if given:
+      raise ValueError(f"--distributed=no contradicts --{'/--'.join(given)}")
+    return
+  if mode == "auto" and not given and not _launched_as_many():
+    return
+  if given and len(given) != 3:
+    missing = sorted(set(explicit) - set(given))
+    raise ValueError(f"a multi-process run with --coordinator_address needs --num_processes and "
+                     f"--process_id too; missing: --{', --'.join(missing)}")
+  if given and not 0 <= given["process_id"] < given["num_processes"]:
+    raise ValueError(f"--process_id={given['process_id']} must be in [0, --num_processes="
+                     f"{given['num_processes']})")
+  if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU processes (tests, laptops) exchange collectives over gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**given)
+
+
+def fake_cpu_devices(n: int) -> None:
+  """Plans for `n` devices on a machine without them: JAX on the CPU with `n` host devices."""
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
 
 
 def user_errors(prog: str):
