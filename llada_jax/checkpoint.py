@@ -9,20 +9,22 @@ can resume on a different device layout.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from llada_jax import files
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _existing_checkpoint_dir(path: str) -> str:
+def _existing_checkpoint_dir(path: str) -> epath.Path:
   """To read: `path` may be a workdir (holding checkpoints/) or the checkpoints folder itself."""
-  inner = os.path.join(path, CHECKPOINT_DIR)
-  return os.path.abspath(inner if os.path.isdir(inner) else path)
+  inner = files.path(path, CHECKPOINT_DIR)
+  return inner if inner.is_dir() else files.path(path)
 
 
 class Checkpointer:
@@ -37,8 +39,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int = 0, async_save: bool = True,
                read_only: bool = False):
     self.directory = (_existing_checkpoint_dir(workdir) if read_only
-                      else os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
-    if read_only and not os.path.isdir(self.directory):
+                      else files.path(workdir, CHECKPOINT_DIR))
+    if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoints found at {self.directory}")
     # keep_period: steps that are multiples of `keep_every` survive max_to_keep's garbage collection.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
@@ -91,11 +93,13 @@ class Checkpointer:
     return restored["state"]["params"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
-    path = os.path.join(self.directory, str(step), "config", "metadata")
-    if not os.path.exists(path):
+    path = self.directory / str(step) / "config" / "metadata"
+    if not path.exists():
       raise FileNotFoundError(f"checkpoint config not found: {path}")
-    with open(path) as f:
-      return json.load(f)
+    try:
+      return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"checkpoint config {path} is not valid JSON: {e}") from e
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: True at the one step where every host agrees to save after a SIGTERM anywhere."""

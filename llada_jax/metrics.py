@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 
+from llada_jax import files
 from llada_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor spec sheets). Unknown devices
@@ -45,24 +46,37 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class MetricsWriter:
-  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard; only process 0 writes anything."""
+  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard; only process 0 writes anything.
+
+  A bucket object cannot be appended to, so in a gs:// workdir the (small) jsonl file is rewritten
+  whole at each logging step; a local one is appended to.
+  """
 
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._path = files.path(workdir, "metrics.jsonl")
+      self._path.parent.mkdir(parents=True, exist_ok=True)
+      if files.is_remote(self._path):
+        self._text = self._path.read_text() if self._path.exists() else ""
+      else:
+        self._jsonl = open(self._path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.fspath(files.path(workdir, "tensorboard")))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(row) + "\n"
+    if self._jsonl is None:
+      self._text += line
+      files.write_atomic(self._path, self._text)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, int(step))
@@ -70,6 +84,7 @@ class MetricsWriter:
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
+    if self._tb:
       self._tb.close()
 
 

@@ -10,14 +10,13 @@ Used by `llada-sample`, `llada-chat` and notebooks:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, model as model_lib, sampling, sharding
+from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
 from llada_jax.config import Config, from_config_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
@@ -95,7 +94,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
   params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
   ckpt.close()
-  tok_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
+  tok_path = files.path(workdir, tokenizer_lib.TOKENIZER_FILE)
   tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tok_path)
   return LoadedModel(dataclasses.replace(config, model=model_cfg), graphdef, params, tokenizer, step)
 

@@ -9,7 +9,6 @@ samples printed at the end.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib
+from llada_jax import checkpoint as ckpt_lib, files
 from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, serving, sharding
 from llada_jax.config import Config
 from llada_jax.data import pipeline
@@ -248,7 +247,6 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   wall time, whether the run was preempted, samples and the final state.
   """
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   data = pipeline.build_training_data(config, workdir)
   tok = data.tokenizer
   _check_tokenizer(config, tok)
@@ -272,10 +270,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
     if config.train.init_from:
       state = _init_params_from(config, s, state)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json())
-    os.replace(path + ".tmp", path)  # atomic: never a half-written config beside a good checkpoint
+    files.write_atomic(files.path(workdir, "config.json"), config.to_json())
 
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = config.train.batch_size * config.train.seq_len

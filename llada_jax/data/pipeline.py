@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import jax
 from absl import flags
+from jax.experimental import multihost_utils
 import numpy as np
 
+from llada_jax import files
 from llada_jax.config import Config, DataConfig
 from llada_jax.data import corpus, sft, sources, tokenizer as tokenizer_lib
 
@@ -138,21 +140,37 @@ def _maybe_prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
 
 def _inherited_tokenizer(init_from: str) -> str:
   """The tokenizer of the run being fine-tuned: ids must keep their meaning across pre-training and SFT."""
-  init_from = os.path.normpath(init_from)
-  folders = [init_from] + ([os.path.dirname(init_from)] if os.path.basename(init_from) == "checkpoints" else [])
-  for folder in folders:
-    path = os.path.join(folder, tokenizer_lib.TOKENIZER_FILE)
-    if os.path.exists(path):
-      return path
+  folder = files.path(init_from)
+  for candidate in (folder, folder.parent) if folder.name == "checkpoints" else (folder,):
+    path = candidate / tokenizer_lib.TOKENIZER_FILE
+    if path.exists():
+      return os.fspath(path)
   raise FileNotFoundError(f"config field 'train.init_from'={init_from!r} holds no {tokenizer_lib.TOKENIZER_FILE}; "
                           "set data.tokenizer_path to the tokenizer the pre-trained model used")
 
 
-def build_training_data(config: Config, workdir: str) -> TrainingData:
-  """Tokenizer + host-local training iterator for `config`; the tokenizer is kept in the workdir."""
+def _shared_tokenizer(make: Callable[[], Any]) -> Any:
+  """`make()` on process 0 first (it trains and saves the workdir's tokenizer), then on the others,
+  which find the saved file: every host tokenizes with the same pieces. The workdir must be shared
+  (e.g. a gs:// bucket) on multi-host runs."""
+  if jax.process_count() == 1:
+    return make()
+  tok = make() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("llada_jax: workdir tokenizer written")
+  return tok if tok is not None else make()
+
+
+def build_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+                        process_count: int | None = None) -> TrainingData:
+  """Tokenizer + host-local training iterator for `config`; the tokenizer is kept in the workdir.
+
+  The iterator yields this host's rows of each global batch; `process_index`/`process_count` (default:
+  this process's) name another host's share, e.g. to rebuild a multi-host run's global batches.
+  """
   d, t = config.data, config.train
-  batch = host_batch_size(t.batch_size)
-  pi, pc = jax.process_index(), jax.process_count()
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  batch = host_batch_size(t.batch_size, pc)
   tok_source = d.tokenizer_path or (_inherited_tokenizer(t.init_from) if t.init_from else "")
 
   if config.diffusion.objective == "sft":
@@ -160,8 +178,8 @@ def build_training_data(config: Config, workdir: str) -> TrainingData:
     docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
     sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
                                         _conversation_texts(conversations, d.tokenizer_train_docs))
-    tok = tokenizer_lib.load_or_train(workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type,
-                                      tok_source)
+    tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
+        workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, tok_source))
     ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=d.shuffle_seed,
                          process_index=pi, process_count=pc)
     prompts = []
@@ -181,11 +199,11 @@ def build_training_data(config: Config, workdir: str) -> TrainingData:
                        "the ids in the ArrayRecord files of data.source='array_record'")
     documents = sources.make_source(d)
     sentences = lambda: sources.sample_texts(documents, d.tokenizer_train_docs, d.shuffle_seed)
-  tok = tokenizer_lib.load_or_train(workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type,
-                                    tok_source)
+  tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
+      workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, tok_source))
   if d.source == "procedural":
     prompts = [(p, [tok.eos_id] + tok.encode(p)) for p in corpus.sample_prompts()[: t.num_samples]]
-    if jax.process_index() == 0:
+    if pi == 0:
       entropy = corpus.unigram_entropy(documents, tok.encode, tok.eos_id)
   else:
     prompts = _doc_prompts(documents, tok, t.num_samples)

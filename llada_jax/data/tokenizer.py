@@ -13,6 +13,8 @@ from typing import Iterable, Protocol, Sequence
 
 import sentencepiece as spm
 
+from llada_jax import files
+
 MASK_PIECE = "<|mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -69,18 +71,15 @@ class SentencePieceTokenizer:
       raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
     return self._sp.decode(ids)
 
-  def save(self, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      f.write(self.model_proto)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer behind
+  def save(self, path: str | os.PathLike) -> None:
+    files.write_atomic(files.path(path), self.model_proto)  # never half a tokenizer behind
 
   @classmethod
-  def load(cls, path: str) -> "SentencePieceTokenizer":
-    if not os.path.exists(path):
+  def load(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+    path = files.path(path)
+    if not path.exists():
       raise FileNotFoundError(f"tokenizer file not found: {path}")
-    with open(path, "rb") as f:
-      data = f.read()
+    data = path.read_bytes()
     try:
       return cls(data)
     except (RuntimeError, ValueError) as e:
@@ -119,13 +118,12 @@ def load_or_train(workdir: str, sentences_fn, vocab_size: int, model_type: str =
   On resume the workdir's copy is reused. Otherwise `source_path` (a .model file) is loaded, or a new
   model is trained on `sentences_fn()`; either way it is saved into the workdir.
   """
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
+  path = files.path(workdir, TOKENIZER_FILE)
+  if path.exists():
     return SentencePieceTokenizer.load(path)
   if source_path:
     tok = SentencePieceTokenizer.load(source_path)
   else:
     tok = train_sentencepiece(sentences_fn(), vocab_size, model_type)
-  os.makedirs(workdir, exist_ok=True)
   tok.save(path)
   return tok

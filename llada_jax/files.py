@@ -1,0 +1,35 @@
+"""Workdir files on a local disk or in a bucket (gs://...), spelt one way for every module.
+
+Paths go through `etils.epath` (the path library Orbax itself uses), so a run's tokenizer, config,
+metrics and checkpoints can live in Cloud Storage, where every host of a TPU slice sees the same files
+and a preempted slice's successor finds them. gs:// needs `gcsfs` (the `[tpu]` / `[gcs]` extras).
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def path(root: str | os.PathLike, *parts: str) -> epath.Path:
+  """`root/parts...`; a local root is made absolute (Orbax wants absolute directories)."""
+  root = os.fspath(root)
+  base = epath.Path(root if is_remote(root) else os.path.abspath(root))
+  return base.joinpath(*parts)
+
+
+def write_atomic(target: epath.Path, data: str | bytes) -> None:
+  """Replaces `target` whole: never a half-written file beside a good checkpoint. Local files go via a
+  temporary name and a rename; bucket objects only ever appear complete."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    (target.write_bytes if isinstance(data, bytes) else target.write_text)(data)
+    return
+  tmp = target.parent / (target.name + ".tmp")
+  (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+  os.replace(tmp, target)
