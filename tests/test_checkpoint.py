@@ -1,0 +1,113 @@
+"""Checkpoints: restore onto another mesh shape, keep-every-N, clear errors, and SIGTERM mid-training."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from llada_jax import checkpoint as ckpt_lib, sharding, train
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_restore_onto_a_different_mesh_shape(tmp_path, devices):
+  """Saved on 8 devices as data=8 x fsdp=1, restored as data=2 x fsdp=4: identical values, new layout."""
+  saved_cfg = tiny_config(**{"mesh.data": 8, "mesh.fsdp": 1})
+  s8 = train.setup(saved_cfg)
+  state = s8.init(train.root_key(saved_cfg))
+  tokens = np.random.default_rng(0).integers(5, 200, (8, saved_cfg.train.seq_len), np.int32)
+  with sharding.use_rules(saved_cfg.mesh, s8.mesh):
+    state, _ = s8.step(state, train.global_batch(s8, {"tokens": tokens}))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, data_iterator=None, config=saved_cfg.to_dict())
+  ckpt.close()
+
+  new_cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4})
+  s24 = train.setup(new_cfg)
+  restored = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).restore(1, s24.abstract_state)
+  assert dict(restored.params["embedding"].sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert restored.params["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert state.params["embedding"].sharding.is_fully_replicated  # fsdp=1 held whole copies
+  for a, b in zip(_leaves(state), _leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  # and training goes on from there
+  with sharding.use_rules(new_cfg.mesh, s24.mesh):
+    nxt, m = s24.step(restored, train.global_batch(s24, {"tokens": tokens}))
+  assert int(nxt.step) == 2 and np.isfinite(float(m["loss"]))
+
+
+def test_keep_every_survives_max_to_keep(tmp_path, devices):
+  cfg = tiny_config()
+  state = train.setup(cfg).init(train.root_key(cfg))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_every=4, async_save=False)
+  for step in range(1, 11):
+    ckpt.save(step, state, data_iterator=None, config=cfg.to_dict())
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8, 9, 10]
+  ckpt.close()
+
+
+def test_missing_step_and_mismatched_shapes_fail_clearly(tmp_path, devices):
+  cfg = tiny_config()
+  s = train.setup(cfg)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, s.init(train.root_key(cfg)), data_iterator=None, config=cfg.to_dict())
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint step 7 in .*checkpoints \(available: \[3\]\)"):
+    ckpt.restore(7, s.abstract_state)
+  wider = train.setup(tiny_config(**{"model.mlp_dim": 96}))
+  with pytest.raises(ValueError, match=r"checkpoint step 3 in .*checkpoints could not be restored"):
+    ckpt.restore(3, wider.abstract_state)
+  with pytest.raises(FileNotFoundError, match="no checkpoints found at"):
+    ckpt_lib.Checkpointer(str(tmp_path / "nowhere"), read_only=True)
+
+
+def _wait_for_step(proc, min_step: int, timeout: float = 300) -> list[str]:
+  lines, deadline = [], time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    m = re.match(r"step\s+(\d+)", line.strip())
+    if m and int(m.group(1)) >= min_step:
+      return lines
+  proc.kill()
+  raise AssertionError("training never reached step %d:\n%s" % (min_step, "".join(lines)))
+
+
+def test_sigterm_saves_the_step_reached_and_the_run_resumes(tmp_path):
+  """A SIGTERM mid-run (a TPU maintenance event) ends the process cleanly after saving the step it
+  reached; the same command then resumes from that step."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-u", "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py",
+         f"--workdir={workdir}", "--config.train.num_steps=5000", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=1000", "--config.train.num_samples=0"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  _wait_for_step(proc, 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  saved = int(re.search(r"stop requested \(SIGTERM\): saved step (\d+)", out).group(1))
+  assert 3 <= saved < 1000
+  assert re.search(rf"done: step {saved} \(preempted\)", out)
+  ckpt = ckpt_lib.Checkpointer(str(workdir), read_only=True)
+  assert ckpt.all_steps() == [saved]
+  assert ckpt.restore_config(saved)["train"]["num_steps"] == 5000
+
+  resumed = subprocess.run(cmd + [f"--stop_at_step={saved + 2}"], capture_output=True, text=True, env=env,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved}" in resumed.stdout
+  assert f"done: step {saved + 2}," in resumed.stdout
