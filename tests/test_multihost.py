@@ -4,6 +4,8 @@ batches."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -25,14 +27,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, *extra):
+def _start_two_processes(workdir, *extra, overrides=OVERRIDES):
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py", f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *flags,
-       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+  return [subprocess.Popen(
+      [sys.executable, "-u", "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py",
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", *flags, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env) for i in range(2)]
+
+
+def _run_two_processes(workdir, *extra):
+  procs = _start_two_processes(workdir, *extra)
   outs = []
   for p in procs:
     try:
@@ -67,3 +74,24 @@ def test_two_process_run_checkpoints_resumes_and_matches_one_process(tmp_path, d
   s = train.setup(cfg)
   _, hist = train.run_steps(s, s.init(train.root_key(cfg)), batches, 6)
   np.testing.assert_allclose([r["loss"] for r in rows], [h["loss"] for h in hist], rtol=2e-5)
+
+
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
+  """A preemption notice reaches one host only; JAX's preemption service (Orbax's sync point) makes
+  both hosts save the same step and exit cleanly, instead of one leaving the other in a collective."""
+  workdir = tmp_path / "preempted"
+  procs = _start_two_processes(workdir, overrides={**OVERRIDES, "train.num_steps": 5000,
+                                                   "train.checkpoint_every": 1000, "train.num_samples": 0})
+  for line in procs[0].stdout:  # wait until training runs
+    if line.startswith("step 3/"):
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  saved = int(re.search(r"done: step (\d+) \(preempted\)", outs[0]).group(1))
+  assert re.search(rf"done: step {saved} \(preempted\)", outs[1])
+  assert 3 <= saved < 1000
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(saved)]
