@@ -17,6 +17,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 OBJECTIVES = ("pretrain", "sft", "ar")
 SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
 RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "norm")
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
@@ -231,8 +232,9 @@ class MeshConfig:
             "a larger tensor axis would idle)", self.tensor)
     known = {"data", "fsdp", "tensor", None}
     for rule in self.rules:
-      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-        _fail("mesh.rules", "pairs (logical_name, mesh_axis or tuple of mesh axes or None)", rule)
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or rule[0] not in LOGICAL_AXES:
+        _fail("mesh.rules", f"pairs (logical name from {LOGICAL_AXES}, mesh axis or tuple of mesh axes "
+              "or None)", rule)
       targets = rule[1] if isinstance(rule[1], tuple) else (rule[1],)
       if any(t not in known for t in targets):
         _fail("mesh.rules", f"mesh axes from {sorted(k for k in known if k)} or None", rule)

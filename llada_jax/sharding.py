@@ -35,6 +35,7 @@ RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
                 ("vocab", "tensor")) + _ALWAYS,
 }
 assert tuple(RULE_SETS) == config_lib.RULE_SETS
+assert all({name for name, _ in table} == set(config_lib.LOGICAL_AXES) for table in RULE_SETS.values())
 
 
 def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from llada_jax import train
@@ -95,3 +96,17 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
   assert re.search(rf"done: step {saved} \(preempted\)", outs[1])
   assert 3 <= saved < 1000
   assert sorted(os.listdir(workdir / "checkpoints")) == [str(saved)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address=127.0.0.1:1"], "missing: --num_processes, --process_id"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 must be in [0, --num_processes=2)"),
+    (["--distributed=no", "--num_processes=2"], "--distributed=no contradicts --num_processes"),
+])
+def test_inconsistent_multihost_flags_fail_in_one_line(tmp_path, flags, message):
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py",
+                         f"--workdir={tmp_path}", *flags], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith("llada-train: error: ") and line.endswith(message)

@@ -81,7 +81,8 @@ def test_rule_overrides_replace_single_entries():
 @pytest.mark.parametrize("overrides, field", [
     ({"mesh.rule_set": "zero3"}, "mesh.rule_set"),
     ({"mesh.tensor": 2, "mesh.fsdp": -1}, "mesh.tensor"),   # tensor > 1 needs fsdp_tp
-    ({"mesh.rules": (("embed", "model"),)}, "mesh.rules"),
+    ({"mesh.rules": (("embed", "model"),)}, "mesh.rules"),   # no such mesh axis
+    ({"mesh.rules": (("embd", "fsdp"),)}, "mesh.rules"),     # no such logical axis
 ])
 def test_bad_mesh_settings_name_the_field(overrides, field):
   with pytest.raises(ValueError, match=re.escape(field)):

@@ -53,10 +53,7 @@ def maybe_initialize_distributed() -> None:
   if given and not 0 <= given["process_id"] < given["num_processes"]:
     raise ValueError(f"--process_id={given['process_id']} must be in [0, --num_processes="
                      f"{given['num_processes']})")
-  if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # CPU processes (tests, laptops) exchange collectives over gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**given)
+  jax.distributed.initialize(**given)  # CPU processes (tests, laptops) talk over gloo, JAX's default
 
 
 def fake_cpu_devices(n: int) -> None:
