@@ -54,10 +54,12 @@ def base() -> ml_collections.ConfigDict:
   c.data = da = ml_collections.ConfigDict()
   da.source = "procedural"   # procedural | text | jsonl | array_record | tfds (SFT: procedural | jsonl)
   da.paths = ()              # files or globs for text / jsonl / array_record sources
+  da.eval_paths = ()         # held-out files for validation (train.eval_every); same format as paths
   da.text_field = "text"     # JSONL field holding a pre-training document
   da.text_unit = "line"      # text files: one document per line, or per file
   da.tfds_name = ""          # TFDS dataset name (prepared beforehand in array_record format)
   da.tfds_split = "train"    # TFDS split, e.g. "train" or "train[:90%]"
+  da.tfds_eval_split = ""    # held-out TFDS split for validation, e.g. "validation" or "train[90%:]"
   da.tfds_data_dir = ""      # TFDS data_dir ("" = TFDS default)
   da.on_bad_record = "raise"  # a malformed JSONL line: raise (naming file:line) or skip and count
   da.sft_format = "messages"  # SFT JSONL: {"messages": [...]} conversations, or prompt/response pairs
@@ -92,6 +94,9 @@ def base() -> ml_collections.ConfigDict:
   t.keep_every = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
   t.async_checkpointing = True  # write checkpoints in the background
   t.num_samples = 4          # completions printed at the end of training (0: none)
+  t.eval_every = 0           # steps between validations on held-out data (0: none); procedural data
+                             # holds out fresh documents about the same world
+  t.eval_batches = 4         # held-out batches per validation (the same batches and masks every time)
   t.sample_steps = 32        # reverse-process steps for those samples
   t.sample_length = 32       # tokens generated per sample
   return c

@@ -159,10 +159,12 @@ class DataConfig:
 
   source: str = "procedural"
   paths: tuple[str, ...] = ()
+  eval_paths: tuple[str, ...] = ()
   text_field: str = "text"
   text_unit: str = "line"
   tfds_name: str = ""
   tfds_split: str = "train"
+  tfds_eval_split: str = ""
   tfds_data_dir: str = ""
   on_bad_record: str = "raise"
   sft_format: str = "messages"
@@ -182,8 +184,9 @@ class DataConfig:
     _check_choice(s, "source", self.source, SOURCES)
     if self.source in ("text", "jsonl", "array_record") and not self.paths:
       _fail(f"{s}.paths", f"one or more file paths or globs for data.source='{self.source}'", self.paths)
-    if not all(isinstance(p, str) and p for p in self.paths):
-      _fail(f"{s}.paths", "a tuple of non-empty path strings or globs", self.paths)
+    for name in ("paths", "eval_paths"):
+      if not all(isinstance(p, str) and p for p in getattr(self, name)):
+        _fail(f"{s}.{name}", "a tuple of non-empty path strings or globs", getattr(self, name))
     if self.source == "tfds" and not self.tfds_name:
       _fail(f"{s}.tfds_name", "a TFDS dataset name (e.g. 'lm1b') for data.source='tfds'", self.tfds_name)
     _check_choice(s, "text_unit", self.text_unit, ("line", "file"))
@@ -272,6 +275,8 @@ class TrainConfig:
   keep_every: int = 0
   async_checkpointing: bool = True
   num_samples: int = 4
+  eval_every: int = 0
+  eval_batches: int = 4
   sample_steps: int = 32
   sample_length: int = 32
 
@@ -285,6 +290,8 @@ class TrainConfig:
       _check_int(s, name, getattr(self, name), 1)
     _check_int(s, "num_samples", self.num_samples, 0)
     _check_int(s, "keep_every", self.keep_every, 0)
+    _check_int(s, "eval_every", self.eval_every, 0)
+    _check_int(s, "eval_batches", self.eval_batches, 1)
     if self.batch_size % self.grad_accum_steps:
       _fail(f"{s}.grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}", self.grad_accum_steps)
 
@@ -313,6 +320,13 @@ class Config:
             (o.warmup_steps, o.stage2_steps, o.decay_steps))
     if (self.diffusion.objective == "ar") != m.causal:
       _fail("model.causal", "True exactly when diffusion.objective == 'ar'", m.causal)
+    d = self.data
+    if t.eval_every and d.source == "tfds" and not d.tfds_eval_split:
+      _fail("data.tfds_eval_split", "a held-out TFDS split (e.g. 'validation') when train.eval_every > 0",
+            d.tfds_eval_split)
+    if t.eval_every and d.source in ("text", "jsonl", "array_record") and not d.eval_paths:
+      _fail("data.eval_paths", "held-out files or globs when train.eval_every > 0 (or eval_every=0)",
+            d.eval_paths)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

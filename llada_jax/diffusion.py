@@ -160,3 +160,90 @@ def ar_objective(logits_fn: LogitsFn, *, tokens_BL: jax.Array,
   """Clean tokens through a causal model, `next_token_loss`."""
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
   return next_token_loss(logits_BLV=logits_fn(tokens_BL, valid_BL), tokens_BL=tokens_BL, valid_BL=valid_BL)
+
+
+# --- Likelihood estimators (REFERENCE §5) --------------------------------------------------------------
+
+
+def stratified_mask_counts(rng: jax.Array, *, length_B: jax.Array, num_samples: int) -> jax.Array:
+  """int32 [B, S]: how many response tokens each of S samples masks, stratified over 1..L per row.
+
+  The release's scheme: draw k ~ U{1..L}, take round(linspace(k, k + (S-1) L / S, S)) and wrap into
+  1..L, so a mini-batch spreads its mask counts evenly over the range instead of clumping.
+  Example: L = 4, S = 4, k = 3 gives 3, 4, 5, 6 -> 3, 4, 1, 2 (every count once).
+  """
+  length_B = length_B.astype(jnp.int32)
+  k_B = jax.random.randint(rng, length_B.shape, 1, length_B + 1)
+  steps_S = jnp.arange(num_samples, dtype=jnp.float32) / num_samples
+  raw_BS = jnp.round(k_B[:, None] + steps_S[None, :] * length_B[:, None]).astype(jnp.int32)
+  return (raw_BS - 1) % jnp.maximum(length_B[:, None], 1) + 1
+
+
+def mask_exactly(rng: jax.Array, *, maskable_BL: jax.Array, count_B: jax.Array) -> jax.Array:
+  """bool [B, L]: exactly count_B[b] of row b's maskable positions, chosen uniformly without replacement.
+
+  Random scores, maskable positions ranked; the lowest `count` ranks are masked. Example: maskable
+  [[F, T, T, T]] with count 2 masks two of the last three positions, each pair equally likely.
+  """
+  maskable_BL = maskable_BL.astype(bool)
+  scores_BL = jnp.where(maskable_BL, jax.random.uniform(rng, maskable_BL.shape), jnp.inf)
+  rank_BL = jnp.argsort(jnp.argsort(scores_BL, axis=1), axis=1)
+  return maskable_BL & (rank_BL < count_B[:, None])
+
+
+def token_logprob(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
+  """float32 [B, L]: log p(tokens_BL[b, i]) under the logits at the same position."""
+  return -_token_nll(logits_BLV, tokens_BL)[0]
+
+
+def conditional_elbo(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
+                     valid_BL: jax.Array, mask_id: int, num_samples: int, estimator: str = "l",
+                     eps: float = 1e-3, cfg_scale: float = 0.0) -> jax.Array:
+  """float32 [B]: a Monte Carlo lower bound on log p(response | prompt), averaged over S samples per row.
+
+  Row b holds prompt (positions < prompt_len_B[b]) + response (the remaining valid positions, length L).
+  estimator='l' (REFERENCE §5): l from `stratified_mask_counts`, exactly l response tokens masked,
+    estimate (L / l) * sum_masked log p(r_i | prompt, unmasked response);
+  estimator='t' (§2's bound): t ~ U(0, 1), p = (1 - eps) t + eps, each response token masked with
+    probability p, estimate sum_masked log p(r_i | ...) / p.
+  Both are unbiased for the same ELBO; 'l' has far lower variance. The prompt is never masked. With
+  cfg_scale > 0 the logits are uncond + (scale + 1)(cond - uncond), uncond having the prompt masked.
+  For a one-token response, 'l' always masks that token with weight 1: the estimate is exact.
+  """
+  B, L = tokens_BL.shape
+  S = num_samples
+  valid_BL = valid_BL.astype(bool)
+  resp_BL = response_mask(prompt_len_B=prompt_len_B, length=L) & valid_BL
+  length_B = resp_BL.sum(axis=1)
+  rep = lambda x: jnp.repeat(x, S, axis=0)
+  tokens_NL, resp_NL, valid_NL = rep(tokens_BL), rep(resp_BL), rep(valid_BL)
+  rng_n, rng_m = jax.random.split(rng)
+  if estimator == "l":
+    count_N = stratified_mask_counts(rng_n, length_B=length_B, num_samples=S).reshape(-1)
+    masked_NL = mask_exactly(rng_m, maskable_BL=resp_NL, count_B=count_N)
+    weight_N = rep(length_B).astype(jnp.float32) / count_N.astype(jnp.float32)
+  elif estimator == "t":
+    p_N = (1.0 - eps) * jax.random.uniform(rng_n, (B * S,), jnp.float32) + eps
+    masked_NL = resp_NL & (jax.random.uniform(rng_m, resp_NL.shape) < p_N[:, None])
+    weight_N = 1.0 / p_N
+  else:
+    raise ValueError(f"estimator must be 'l' or 't'; got {estimator!r}")
+  noisy_NL = jnp.where(masked_NL, jnp.asarray(mask_id, tokens_NL.dtype), tokens_NL)
+  if cfg_scale > 0:
+    prompt_NL = valid_NL & ~resp_NL
+    uncond_NL = jnp.where(prompt_NL, jnp.asarray(mask_id, tokens_NL.dtype), noisy_NL)
+    both = logits_fn(jnp.concatenate([noisy_NL, uncond_NL]), jnp.concatenate([valid_NL, valid_NL]))
+    cond, uncond = both[: B * S].astype(jnp.float32), both[B * S:].astype(jnp.float32)
+    logits_NLV = uncond + (cfg_scale + 1.0) * (cond - uncond)
+  else:
+    logits_NLV = logits_fn(noisy_NL, valid_NL)
+  logp_NL = token_logprob(logits_NLV, tokens_NL)
+  est_N = weight_N * jnp.where(masked_NL, logp_NL, 0.0).sum(axis=1)
+  return est_N.reshape(B, S).mean(axis=1)
+
+
+def causal_loglik(*, logits_BLV: jax.Array, tokens_BL: jax.Array, target_BL: jax.Array) -> jax.Array:
+  """float32 [B]: exact sum of log p(x_i | x_<i) over positions i where target_BL is True (i >= 1),
+  from a causal model's logits (position i - 1 predicts token i)."""
+  logp_BL = token_logprob(logits_BLV[:, :-1], tokens_BL[:, 1:])
+  return jnp.where(target_BL[:, 1:].astype(bool), logp_BL, 0.0).sum(axis=1)

@@ -48,6 +48,7 @@ class Setup:
   batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per batch field
   init: Callable[[jax.Array], TrainState]
   step: Callable[..., tuple[TrainState, dict]]
+  eval_step: Callable[..., dict]   # (params, batch, rng) -> {'loss', 'masked_accuracy'}
 
 
 def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, diffusion.LossOutput]:
@@ -104,6 +105,21 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   return train_step
 
 
+def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:
+  """Validation: the training objective on held-out batches, without the random-length crop, with the
+  masks drawn from a key the caller fixes (so numbers are comparable across steps). For the diffusion
+  objectives the loss is an upper bound on the NLL per token (exp(loss) bounds the perplexity); for
+  the causal baseline it is the exact NLL per token."""
+  eval_config = dataclasses.replace(
+      config, diffusion=dataclasses.replace(config.diffusion, random_length_prob=0.0))
+
+  def eval_step(params: Any, batch: dict, rng: jax.Array) -> dict:
+    loss, out = _loss(eval_config, graphdef, params, batch, rng)
+    return {"loss": loss, "masked_accuracy": out.num_correct / jnp.maximum(out.num_masked, 1)}
+
+  return eval_step
+
+
 def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   """Builds the mesh, abstract state, shardings and the jitted init and step functions."""
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
@@ -138,7 +154,10 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     step = jax.jit(make_train_step(config, graphdef, tx, schedule),
                    in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                    donate_argnums=0)
-  return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step)
+    eval_step = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl),
+                        out_shardings=repl)
+  return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step,
+               eval_step)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
@@ -170,6 +189,18 @@ def run_steps(s: Setup, state: TrainState, batches, num_steps: int) -> tuple[Tra
       state, m = s.step(state, global_batch(s, next(batches)))
       history.append(m)
   return state, jax.device_get(history)
+
+
+def validate(s: Setup, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Mean held-out loss and masked accuracy over `batches`, batch i masked with a key fixed by i."""
+  key = jax.random.key(s.config.train.seed + 1)
+  with sharding.use_rules(s.config.mesh, s.mesh):
+    out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i)) for i, b in enumerate(batches)]
+  out = jax.device_get(out)
+  loss = float(np.mean([o["loss"] for o in out]))
+  name = "eval_ppl" if s.config.diffusion.objective == "ar" else "eval_ppl_bound"
+  return {"eval_loss": loss, name: float(np.exp(min(loss, 50.0))),
+          "eval_masked_accuracy": float(np.mean([o["masked_accuracy"] for o in out]))}
 
 
 def _check_tokenizer(config: Config, tok) -> None:
@@ -280,6 +311,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
       flops_per_step=metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step,
       peak_flops=peak * s.mesh.size if peak else None)
   end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
+  eval_batches = pipeline.build_eval_batches(config, tok) if config.train.eval_every else []
   preempted = False
   with sharding.use_rules(config.mesh, s.mesh), _PreemptionNotice(ckpt) as stop_requested:
     for step in range(start, end):
@@ -288,6 +320,10 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
       preempted = stop_requested(done)
       last_step = done == end or preempted
       logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
+      if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
+        scores = validate(s, state.params, eval_batches)
+        writer.write(done, scores)
+        logger.progress.print(done, scores)
       if done % config.train.checkpoint_every == 0 or last_step:
         ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
       if preempted:

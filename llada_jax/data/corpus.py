@@ -112,9 +112,10 @@ def _pattern(rng: random.Random) -> str:
 _GENERATORS = ("fact", "sentence", "couplet", "arithmetic", "pattern")
 
 
-def generate_documents(num_documents: int, seed: int = 0) -> list[str]:
-  """`num_documents` documents, identical for identical (num_documents, seed)."""
-  world = World(seed)
+def generate_documents(num_documents: int, seed: int = 0, *, world_seed: int | None = None) -> list[str]:
+  """`num_documents` documents, identical for identical arguments. `world_seed` (default `seed`) picks
+  the facts; another `seed` with the same world gives held-out documents about the same facts."""
+  world = World(seed if world_seed is None else world_seed)
   rng = random.Random(seed)
   docs = []
   for _ in range(num_documents):

@@ -211,3 +211,35 @@ def build_training_data(config: Config, workdir: str, *, process_index: int | No
                       seed=d.shuffle_seed, process_index=pi, process_count=pc)
   return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
                       f"pre-training data: {len(documents)} documents ({d.source})", entropy, prompts)
+
+
+def build_eval_batches(config: Config, tok, *, process_index: int | None = None,
+                       process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The held-out split as `train.eval_batches` host-local batches, fixed for the whole run so every
+  validation sees the same data. Built-in data holds out fresh documents (or chats) about the same
+  world (another sample seed); files come from `data.eval_paths`, TFDS from `data.tfds_eval_split`."""
+  d, t = config.data, config.train
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  batch = host_batch_size(t.batch_size, pc)
+  held_out_seed = d.corpus_seed + 1
+  num_held_out = max(200, d.num_documents // 10)
+  if config.diffusion.objective == "sft":
+    if d.source == "procedural":
+      conversations = sft.generate_conversations(num_held_out, held_out_seed, world_seed=d.corpus_seed)
+    else:
+      conversations = sft_conversations(dataclasses.replace(d, paths=d.eval_paths))
+    ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
+                         process_index=pi, process_count=pc)
+  else:
+    if d.source == "procedural":
+      documents: Sequence[Any] = corpus.generate_documents(num_held_out, held_out_seed,
+                                                           world_seed=d.corpus_seed)
+    elif d.source == "tfds":
+      documents = sources.make_source(dataclasses.replace(d, tfds_split=d.tfds_eval_split))
+    else:
+      documents = sources.make_source(dataclasses.replace(d, paths=d.eval_paths))
+    ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
+                        seed=0, process_index=pi, process_count=pc)
+  it = iter(ds)
+  return [next(it) for _ in range(t.eval_batches)]
