@@ -1,11 +1,12 @@
 """Likelihood estimators (REFERENCE §5): stratified counts, exact masking, unbiasedness against a
 hand-built model with known probabilities, exactness for one-token answers, the causal baseline."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special, stats
 
 from conftest import tiny_config
 from llada_jax import diffusion, evaluate, model as model_lib
@@ -28,7 +29,7 @@ def test_stratified_counts_cover_one_to_L():
   many = np.asarray(diffusion.stratified_mask_counts(jax.random.key(1), length_B=jnp.full((2000,), 5),
                                                      num_samples=1))
   assert set(np.unique(many)) == {1, 2, 3, 4, 5}        # k ~ U{1..L}
-  assert stats.chisquare(np.bincount(many[:, 0], minlength=6)[1:]).pvalue > 1e-3
+  np.testing.assert_allclose(np.bincount(many[:, 0], minlength=6)[1:] / 2000, 0.2, atol=0.04)
 
 
 def test_mask_exactly_masks_count_positions_of_the_maskable_region_uniformly():
@@ -76,7 +77,7 @@ def test_estimators_are_unbiased_for_the_exact_elbo(estimator):
     ps = np.linspace(eps, 1.0, 20001)
     def integrand(p):
       m = np.arange(0, L + 1)
-      binom = special.comb(L, m) * p ** m * (1 - p) ** (L - m)
+      binom = np.array([math.comb(L, k) for k in m]) * p ** m * (1 - p) ** (L - m)
       return (binom * (m / L) * np.array([_logp(a, c, k)[resp].sum() for k in m])).sum() / p
     exact = np.trapezoid([integrand(p) for p in ps], ps) / (1 - eps)
   fn = jax.jit(lambda k: diffusion.conditional_elbo(
