@@ -129,7 +129,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
                    dtype="float32")  # CPUs have no fast bf16 matmul; accelerators should use bfloat16
     c.data.update(num_documents=20000, tokenizer_vocab_size=512)
     c.train.update(batch_size=32, seq_len=128, num_steps=600, log_every=50, checkpoint_every=200,
-                   num_samples=4, sample_steps=32, sample_length=32)
+                   eval_every=200, num_samples=4, sample_steps=32, sample_length=32)
     c.optim.update(peak_lr=2e-3, warmup_steps=50, decay_steps=120)
   elif variant in ("llada_1b", "llada_8b"):  # the paper's shapes (REFERENCE §1), released tokenizer ids
     big = variant == "llada_8b"
