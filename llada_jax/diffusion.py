@@ -185,9 +185,11 @@ def mask_exactly(rng: jax.Array, *, maskable_BL: jax.Array, count_B: jax.Array) 
   Random scores, maskable positions ranked; the lowest `count` ranks are masked. Example: maskable
   [[F, T, T, T]] with count 2 masks two of the last three positions, each pair equally likely.
   """
-  maskable_BL = maskable_BL.astype(bool)
-  scores_BL = jnp.where(maskable_BL, jax.random.uniform(rng, maskable_BL.shape), jnp.inf)
-  rank_BL = jnp.argsort(jnp.argsort(scores_BL, axis=1), axis=1)
+  return _mask_lowest(jax.random.uniform(rng, maskable_BL.shape), maskable_BL.astype(bool), count_B)
+
+
+def _mask_lowest(draws_BL: jax.Array, maskable_BL: jax.Array, count_B: jax.Array) -> jax.Array:
+  rank_BL = jnp.argsort(jnp.argsort(jnp.where(maskable_BL, draws_BL, jnp.inf), axis=1), axis=1)
   return maskable_BL & (rank_BL < count_B[:, None])
 
 
@@ -196,7 +198,7 @@ def token_logprob(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
   return -_token_nll(logits_BLV, tokens_BL)[0]
 
 
-def conditional_elbo(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
+def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
                      valid_BL: jax.Array, mask_id: int, num_samples: int, estimator: str = "l",
                      eps: float = 1e-3, cfg_scale: float = 0.0) -> jax.Array:
   """float32 [B]: a Monte Carlo lower bound on log p(response | prompt), averaged over S samples per row.
@@ -209,6 +211,7 @@ def conditional_elbo(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Arra
   Both are unbiased for the same ELBO; 'l' has far lower variance. The prompt is never masked. With
   cfg_scale > 0 the logits are uncond + (scale + 1)(cond - uncond), uncond having the prompt masked.
   For a one-token response, 'l' always masks that token with weight 1: the estimate is exact.
+  `rng_B` holds one key per row, so a row's estimate does not depend on which rows share its batch.
   """
   B, L = tokens_BL.shape
   S = num_samples
@@ -217,14 +220,18 @@ def conditional_elbo(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Arra
   length_B = resp_BL.sum(axis=1)
   rep = lambda x: jnp.repeat(x, S, axis=0)
   tokens_NL, resp_NL, valid_NL = rep(tokens_BL), rep(resp_BL), rep(valid_BL)
-  rng_n, rng_m = jax.random.split(rng)
+  keys_B2 = jax.vmap(jax.random.split)(rng_B)
+  # per row: S draws of (count or t) from the row's first key, S mask patterns from its second
+  draws_BSL = jax.vmap(lambda k: jax.random.uniform(k, (S, L)))(keys_B2[:, 1]).reshape(B * S, L)
   if estimator == "l":
-    count_N = stratified_mask_counts(rng_n, length_B=length_B, num_samples=S).reshape(-1)
-    masked_NL = mask_exactly(rng_m, maskable_BL=resp_NL, count_B=count_N)
+    count_N = jax.vmap(lambda k, n: stratified_mask_counts(k, length_B=n[None], num_samples=S)[0])(
+        keys_B2[:, 0], length_B).reshape(-1)
+    masked_NL = _mask_lowest(draws_BSL, resp_NL, count_N)  # `mask_exactly` with the row's own draws
     weight_N = rep(length_B).astype(jnp.float32) / count_N.astype(jnp.float32)
   elif estimator == "t":
-    p_N = (1.0 - eps) * jax.random.uniform(rng_n, (B * S,), jnp.float32) + eps
-    masked_NL = resp_NL & (jax.random.uniform(rng_m, resp_NL.shape) < p_N[:, None])
+    t_N = jax.vmap(lambda k: jax.random.uniform(k, (S,), jnp.float32))(keys_B2[:, 0]).reshape(-1)
+    p_N = (1.0 - eps) * t_N + eps
+    masked_NL = resp_NL & (draws_BSL < p_N[:, None])
     weight_N = 1.0 / p_N
   else:
     raise ValueError(f"estimator must be 'l' or 't'; got {estimator!r}")

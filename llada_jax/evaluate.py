@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -54,6 +55,11 @@ class LikelihoodConfig:
       raise ValueError(f"likelihood option 'estimator' must be one of {ESTIMATORS}; got {self.estimator!r}")
     if not self.cfg_scale >= 0:
       raise ValueError(f"likelihood option 'cfg_scale' must be >= 0; got {self.cfg_scale!r}")
+
+
+def _pair_hash(prompt: Sequence[int], response: Sequence[int]) -> int:
+  data = np.asarray(list(prompt) + [-1] + list(response), np.int64).tobytes()
+  return zlib.crc32(data) & 0x7FFFFFFF
 
 
 def _bucket(n: int, max_len: int) -> int:
@@ -127,11 +133,10 @@ class Scorer:
       while i < len(order) and len(group) < per_pass and len(prompts[order[i]]) + len(responses[order[i]]) <= T:
         group.append(order[i])
         i += 1
-      out[group] = self._score_group([prompts[j] for j in group], [responses[j] for j in group], T, config,
-                                     group_index=group[0])
+      out[group] = self._score_group([prompts[j] for j in group], [responses[j] for j in group], T, config)
     return out
 
-  def _score_group(self, prompts, responses, T: int, config: LikelihoodConfig, group_index: int) -> np.ndarray:
+  def _score_group(self, prompts, responses, T: int, config: LikelihoodConfig) -> np.ndarray:
     n = len(prompts)
     rows = 1 << (n - 1).bit_length()  # pad the group to a power of two: few distinct compiled shapes
     prompts = list(prompts) + [prompts[0]] * (rows - n)
@@ -146,11 +151,15 @@ class Scorer:
       prompt_len[row] = len(p)
     if self.causal:
       return np.asarray(self._exact(self.params, tokens, prompt_len, valid), np.float64)[:n]
-    key = jax.random.fold_in(jax.random.key(config.seed), group_index)
+    # One key per pair, from the seed and the pair's own tokens: a pair scores the same alone, in any
+    # batch, and under any --limit.
+    root = jax.random.key(config.seed)
+    keys = jnp.stack([jax.random.fold_in(root, _pair_hash(p, r)) for p, r in zip(prompts, responses)])
     total = np.zeros((rows,), np.float64)
     chunks = config.mc_num // config.batch_size
     for c in range(chunks):
-      est = self._elbo(self.params, jax.random.fold_in(key, c), tokens, prompt_len, valid,
+      chunk_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, c)
+      est = self._elbo(self.params, chunk_keys, tokens, prompt_len, valid,
                        num_samples=config.batch_size, estimator=config.estimator, eps=config.eps,
                        cfg_scale=float(config.cfg_scale))
       total += np.asarray(est, np.float64)

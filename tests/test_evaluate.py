@@ -81,7 +81,7 @@ def test_estimators_are_unbiased_for_the_exact_elbo(estimator):
       return (binom * (m / L) * np.array([_logp(a, c, k)[resp].sum() for k in m])).sum() / p
     exact = np.trapezoid([integrand(p) for p in ps], ps) / (1 - eps)
   fn = jax.jit(lambda k: diffusion.conditional_elbo(
-      _hand_model(a, c), k, tokens_BL=tokens, prompt_len_B=prompt_len, valid_BL=valid, mask_id=MASK,
+      _hand_model(a, c), k[None], tokens_BL=tokens, prompt_len_B=prompt_len, valid_BL=valid, mask_id=MASK,
       num_samples=1, estimator=estimator, eps=eps))
   draws = np.asarray(jax.vmap(fn)(jax.random.split(jax.random.key(0), 20000)))[:, 0]
   se = draws.std() / np.sqrt(len(draws))
@@ -94,7 +94,7 @@ def test_l_estimator_has_lower_variance_than_t():
   kw = dict(tokens_BL=(jnp.arange(10) % MASK)[None], prompt_len_B=jnp.asarray([2]),
             valid_BL=jnp.ones((1, 10), bool), mask_id=MASK, num_samples=1)
   keys = jax.random.split(jax.random.key(3), 4000)
-  sd = {e: float(np.std(jax.vmap(lambda k: diffusion.conditional_elbo(_hand_model(a, c), k, estimator=e,
+  sd = {e: float(np.std(jax.vmap(lambda k: diffusion.conditional_elbo(_hand_model(a, c), k[None], estimator=e,
                                                                       **kw))(keys)))
         for e in ("l", "t")}
   assert sd["l"] < sd["t"] / 2, sd
@@ -123,7 +123,12 @@ def test_one_token_answers_are_exact_and_batching_does_not_change_them(tiny_mode
     exact = float(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))[r[0]])
     assert got == pytest.approx(exact, abs=1e-5)
     assert scorer.loglikelihood([p], [r], one)[0] == pytest.approx(got, abs=1e-5)
-  # more samples of an exact quantity change nothing
+  # more samples of an exact quantity change nothing; a pair's random masks are its own, so a longer
+  # response scores the same alone and beside others
+  longer = [[int(x) for x in rng.integers(10, 200, 5)] for _ in prompts]
+  cfg8 = evaluate.LikelihoodConfig(mc_num=8, batch_size=4)
+  np.testing.assert_allclose(scorer.loglikelihood(prompts[:1], longer[:1], cfg8),
+                             scorer.loglikelihood(prompts, longer, cfg8)[:1], atol=1e-5)
   np.testing.assert_allclose(scorer.loglikelihood(prompts, answers, evaluate.LikelihoodConfig(
       mc_num=8, batch_size=4)), together, atol=1e-5)
 
