@@ -49,6 +49,7 @@ setuptools.setup(
             "llada-sample=llada_jax.cli.sample:run",
             "llada-chat=llada_jax.cli.chat:run",
             "llada-eval=llada_jax.cli.evaluate:run",
+            "llada-reversal=llada_jax.cli.reversal:run",
         ],
     },
 )

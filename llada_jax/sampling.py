@@ -9,6 +9,9 @@ confidence-threshold parallel decoding, Fast-dLLM's block-wise approximate KV ca
 and early exit once a row's remaining positions can only be EOS. With every option at its default the
 output is the official algorithm's.
 
+`infill` runs the same reverse process over holes anywhere in a sequence (masks *before* known text:
+the reversal experiment), and `generate_causal` samples the autoregressive baseline left to right.
+
 The whole loop is one `lax.while_loop` in one jitted program, compiled once per (shapes, options).
 
 Temperature: the release computes `exp(logits) / (-log u)^T` in float64. With `jax_enable_x64` on
@@ -34,6 +37,15 @@ KV_CACHES = ("none", "prefix", "dual")
 _SUPPRESSED = -1e30  # finite stand-in for a suppressed candidate's confidence
 
 
+def _bad(name: str, allowed: str, value: Any) -> None:
+  raise ValueError(f"sampling option '{name}' must be {allowed}; got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    _bad(name, "a positive integer", value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Options of `generate`; hashable, so each distinct setting compiles once."""
@@ -56,12 +68,9 @@ class SamplingConfig:
     `prompt_length` is the shortest prompt of the batch; `padded_length` (default: the same) the
     left-padded width, which is what occupies the sequence.
     """
-    def bad(name, allowed, value):
-      raise ValueError(f"sampling option '{name}' must be {allowed}; got {value!r}")
+    bad = _bad
     for name in ("gen_length", "steps", "block_length"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        bad(name, "a positive integer", v)
+      _check_positive(name, getattr(self, name))
     if self.gen_length % self.block_length:
       bad("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
     num_blocks = self.gen_length // self.block_length
@@ -279,3 +288,135 @@ def strip_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
   """The ids before the first stop id (EOS, or end-of-turn for chat models)."""
   ids = [int(i) for i in ids]
   return ids[: next((k for k, i in enumerate(ids) if i in stop_ids), len(ids))]
+
+
+# --- Infilling: the reverse process over holes anywhere -------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mask_id", "eos_id", "eot_id"))
+def _infill(graphdef, params, tokens_BL, valid_BL, rng, *, cfg: SamplingConfig, mask_id: int, eos_id: int,
+            eot_id: int | None) -> GenerateOutput:
+  B, L = tokens_BL.shape
+  valid_BL = valid_BL.astype(bool)
+  # Padding that happens to hold the mask id is no hole: park it on another id for the loop (padding is
+  # never attended to, so no logit changes) and put it back at the end.
+  parked_BL = ~valid_BL & (tokens_BL == mask_id)
+  x_BL = jnp.where(parked_BL, jnp.asarray(0 if mask_id else 1, tokens_BL.dtype), tokens_BL)
+  # Every row's holes form one block; its per-step transfer counts are `transfer_schedule(n_B, steps)`,
+  # shaped [steps, B, 1] so `_decide` compares each row's ranks with its own count.
+  n_B = jnp.sum(x_BL == mask_id, axis=1)
+  step_S = jnp.arange(cfg.steps)[:, None, None]
+  schedule_SB1 = n_B[None, :, None] // cfg.steps + (step_S < n_B[None, :, None] % cfg.steps)
+  pos_L = jnp.arange(L)
+  decide = functools.partial(_decide, cfg, P=0, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id,
+                             eot_id=eot_id, schedule=schedule_SB1, steps_per_block=cfg.steps)
+
+  def step(carry):
+    i, x_BL, commit_step_BL, steps_B = carry
+    commit_BL, x0_BL = decide(model_lib.apply(graphdef, params, x_BL, valid_BL), x_BL, pos_L, i=i)
+    active_B = jnp.any(x_BL == mask_id, axis=1)
+    commit_BL &= active_B[:, None]
+    return (i + 1, jnp.where(commit_BL, x0_BL, x_BL), jnp.where(commit_BL, i, commit_step_BL),
+            steps_B + active_B.astype(jnp.int32))
+
+  carry = (0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
+  carry = jax.lax.while_loop(lambda c: (c[0] < cfg.steps) & jnp.any(c[1] == mask_id), step, carry)
+  _, x_BL, commit_step_BL, steps_B = carry
+  return GenerateOutput(jnp.where(parked_BL, tokens_BL, x_BL), commit_step_BL, steps_B)
+
+
+def infill(graphdef: nnx.GraphDef, params: Any, tokens_BL: jax.Array, valid_BL: jax.Array, *, mask_id: int,
+           steps: int, temperature: float = 0.0, remasking: str = "low_confidence",
+           rng: jax.Array | None = None, eos_id: int = 1, eot_id: int | None = None,
+           suppress_eos_logit: bool = False, suppress_eos_confidence: bool = False) -> GenerateOutput:
+  """Fills every valid position equal to `mask_id` (a hole) with the reverse process; nothing else changes.
+
+  `generate` only appends masks after a prompt; holes may sit anywhere, e.g. before known text, which is
+  what a bidirectional model can do and a left-to-right one cannot (the reversal curse). All holes of a
+  row form one block: over `steps` steps, step i commits `transfer_schedule(num_holes, steps)[i]` holes,
+  the most confident first (or as `remasking` says), never the mask token. With the holes exactly the
+  suffix after a prompt this is `generate(..., block_length=gen_length)`, token for token. Rows with
+  fewer holes than `steps` commit one per step and stop early (`steps_B`); `commit_step_BL` is -1 for
+  every position that was not a hole.
+  """
+  _check_positive("steps", steps)
+  if remasking not in REMASKING:
+    _bad("remasking", f"one of {REMASKING}", remasking)
+  if not temperature >= 0:
+    _bad("temperature", ">= 0", temperature)
+  if np.ndim(tokens_BL) != 2 or np.shape(valid_BL) != np.shape(tokens_BL):
+    raise ValueError(f"infill needs tokens [B, L] and validity of the same shape; got "
+                     f"{np.shape(tokens_BL)} and {np.shape(valid_BL)}")
+  L = tokens_BL.shape[1]
+  cfg = SamplingConfig(gen_length=L, steps=steps, block_length=L, temperature=temperature,
+                       remasking=remasking, suppress_eos_logit=suppress_eos_logit,
+                       suppress_eos_confidence=suppress_eos_confidence)
+  rng = jax.random.key(0) if rng is None else rng
+  return _infill(graphdef, params, jnp.asarray(tokens_BL), jnp.asarray(valid_BL), rng, cfg=cfg,
+                 mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+
+
+# --- The autoregressive baseline: left to right ---------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "gen_length", "temperature", "mask_id", "eos_id",
+                                             "eot_id", "suppress_eos_logit"))
+def _generate_causal(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, gen_length: int,
+                     temperature: float, mask_id: int | None, eos_id: int, eot_id: int | None,
+                     suppress_eos_logit: bool) -> GenerateOutput:
+  B, P = prompt_BP.shape
+  L = P + gen_length
+  # Positions not generated yet hold EOS; the causal mask hides them from every earlier position, so a
+  # full forward pass per token (O(L^2) per sequence, no KV cache) gives exactly the prefix's logits.
+  x_BL = jnp.concatenate([prompt_BP, jnp.full((B, gen_length), eos_id, prompt_BP.dtype)], axis=1)
+  valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, gen_length), bool)], axis=1)
+  banned = ([mask_id] if mask_id is not None else []) + ([eos_id] if suppress_eos_logit else [])
+  stop_ids = jnp.asarray([eos_id] + ([eot_id] if eot_id is not None else []), prompt_BP.dtype)
+
+  def step(carry):
+    i, x_BL, done_B, steps_B = carry
+    logits_BLV = model_lib.apply(graphdef, params, x_BL, valid_BL)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, P - 1 + i, axis=1, keepdims=False)
+    if banned:
+      logits_BV = logits_BV.at[:, jnp.asarray(banned)].set(-jnp.inf)
+    next_B = _gumbel_argmax(logits_BV, jax.random.fold_in(rng, i), temperature).astype(x_BL.dtype)
+    next_B = jnp.where(done_B, eos_id, next_B)  # a finished row keeps its static shape, padded with EOS
+    x_BL = jax.lax.dynamic_update_index_in_dim(x_BL, next_B, P + i, axis=1)
+    steps_B = steps_B + (~done_B).astype(jnp.int32)
+    return i + 1, x_BL, done_B | jnp.isin(next_B, stop_ids), steps_B
+
+  carry = (0, x_BL, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  _, x_BL, _, steps_B = jax.lax.while_loop(lambda c: (c[0] < gen_length) & ~jnp.all(c[2]), step, carry)
+  pos_L = jnp.arange(L)
+  commit_step_BL = jnp.broadcast_to(jnp.where(pos_L >= P, pos_L - P, -1), (B, L)).astype(jnp.int32)
+  return GenerateOutput(x_BL, commit_step_BL, steps_B)
+
+
+def generate_causal(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
+                    gen_length: int, eos_id: int, temperature: float = 0.0, eot_id: int | None = None,
+                    mask_id: int | None = None, suppress_eos_logit: bool = False,
+                    rng: jax.Array | None = None, max_seq_len: int | None = None) -> GenerateOutput:
+  """Samples a causal model (`model.causal=True`, the AR baseline) left to right, one token per step.
+
+  Same inputs and output type as `generate`: left-padded prompts (positions are absolute, as there;
+  RoPE is relative and padding is never attended to, so padding does not change a continuation),
+  temperature 0 = greedy, > 0 = Gumbel-max sampling. The mask token is never emitted. A row stops at
+  EOS (or `eot_id`), included, and is padded with EOS to `gen_length` while the others go on; with
+  `suppress_eos_logit` no row stops. `commit_step_BL` is each generated token's index (-1 for the
+  prompt), `steps_B` the tokens each row generated.
+  """
+  _check_positive("gen_length", gen_length)
+  if not temperature >= 0:
+    _bad("temperature", ">= 0", temperature)
+  B, P = np.shape(prompt_BP)
+  prompt_length = int(np.asarray(prompt_valid_BP).sum(axis=1).min()) if P else 0
+  if prompt_length < 1:
+    _bad("prompt", "at least one token long (the first token is predicted from the last prompt token)",
+         prompt_length)
+  limit = max_seq_len if max_seq_len is not None else P + gen_length
+  if P + gen_length > limit:
+    _bad("gen_length", f"at most model.max_seq_len - prompt length = {limit - P}", gen_length)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate_causal(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng,
+                          gen_length=gen_length, temperature=float(temperature), mask_id=mask_id,
+                          eos_id=eos_id, eot_id=eot_id, suppress_eos_logit=suppress_eos_logit)

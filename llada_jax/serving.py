@@ -5,6 +5,9 @@ Used by `llada-sample`, `llada-chat` and notebooks:
   model = serving.load("/tmp/llada_demo")
   print(model.complete(["the capital of"], gen_length=32, steps=32, block_length=32)[0].text)
   chat = serving.ChatSession(model); chat.send("what is 3 plus 4?")
+
+A causal workdir (the autoregressive baseline, `model.causal=True`) loads the same way; `complete`
+then samples it left to right (`sampling.generate_causal`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class Completion:
   prompt: str
   token_ids: list[int]       # generated ids, up to (not including) the first EOS / end-of-turn
   text: str
-  steps: int                 # reverse-process steps this row took
+  steps: int                 # reverse-process steps this row took (causal models: tokens generated)
   commit_step: list[int]     # step at which each generated position was committed (for visualising)
   raw_ids: list[int]         # every generated position, EOS padding included
 
@@ -50,13 +53,28 @@ class LoadedModel:
       return sft.render_prompt([{"role": "user", "content": text}], tok)
     return [tok.eos_id] + tok.encode(text)
 
+  @property
+  def is_causal(self) -> bool:
+    return self.config.model.causal
+
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
                    **options: Any) -> sampling.GenerateOutput:
+    """`sampling.generate` for a diffusion model, `sampling.generate_causal` for a causal one.
+
+    A causal model takes `gen_length`, `temperature` and `suppress_eos_logit`. It ignores `steps` and
+    `block_length` (left to right is one token per step; ignoring them lets one call site, such as
+    `llada-sample`, serve both kinds), and rejects every other reverse-process option set away from
+    its default (e.g. `remasking='random'`), with a ValueError naming it.
+    """
     tokens, valid = sampling.left_pad(prompts, self.tokenizer.pad_id)
-    return sampling.generate(
-        self.graphdef, self.params, tokens, valid, mask_id=self.config.diffusion.mask_token_id,
-        eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
-        rng=jax.random.key(seed), max_seq_len=self.config.model.max_seq_len, **options)
+    common = dict(eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
+                  rng=jax.random.key(seed), max_seq_len=self.config.model.max_seq_len)
+    if self.is_causal:
+      return sampling.generate_causal(self.graphdef, self.params, tokens, valid,
+                                      mask_id=self.config.diffusion.mask_token_id,
+                                      **_causal_options(options), **common)
+    return sampling.generate(self.graphdef, self.params, tokens, valid,
+                             mask_id=self.config.diffusion.mask_token_id, **options, **common)
 
   def complete(self, prompts: Sequence[str], *, chat: bool | None = None, seed: int = 0,
                prompt_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> list[Completion]:
@@ -75,6 +93,22 @@ class LoadedModel:
       results.append(Completion(text, kept, tok.decode(kept), int(out.steps_B[row]),
                                 [int(s) for s in np.asarray(out.commit_step_BL[row, width:])], raw))
     return results
+
+
+_CAUSAL_OPTIONS = ("gen_length", "temperature", "suppress_eos_logit")
+_IGNORED_BY_CAUSAL = ("steps", "block_length")
+
+
+def _causal_options(options: dict[str, Any]) -> dict[str, Any]:
+  """The options a left-to-right sampler honours; a reverse-process-only option set away from its
+  default is an error rather than silently dropped."""
+  defaults = {f.name: f.default for f in dataclasses.fields(sampling.SamplingConfig)}
+  for name, value in options.items():
+    if name in defaults and name not in _CAUSAL_OPTIONS + _IGNORED_BY_CAUSAL and value != defaults[name]:
+      raise ValueError(f"sampling option '{name}'={value!r} applies to the diffusion sampler only; this "
+                       f"model is causal (model.causal=True) and samples left to right")
+  kept = {k: v for k, v in options.items() if k not in defaults or k in _CAUSAL_OPTIONS}
+  return {"gen_length": defaults["gen_length"], **kept}
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:

@@ -334,10 +334,9 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
     ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
   ckpt.close()
   writer.close()
-  # The diffusion sampler predicts each masked position itself; a causal model predicts the next token,
-  # so the autoregressive baseline gets no samples here.
+  # The causal baseline samples left to right (serving dispatches on model.causal).
   finished = int(state.step) == config.train.num_steps
-  want_samples = config.train.num_samples and not config.model.causal and finished
+  want_samples = config.train.num_samples and finished
   samples = print_samples(config, s, state.params, tok, data.sample_prompts) if want_samples else []
   return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
           "preempted": preempted, "samples": samples, "state": state}
