@@ -12,6 +12,8 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/lib.sh
+source "$REPO_ROOT/launch/lib.sh"
 readonly REPO_ROOT
 readonly VARS=(NODES COORDINATOR COORDINATOR_PORT CONFIG WORKDIR TRAIN_FLAGS TRAIN_ENV REPO_DIR VENV
                PYTHON LOG_DIR LOG_NODE SSH_FLAGS DRY_RUN)
@@ -120,43 +122,7 @@ if [[ "$subcommand" == logs ]]; then
   [[ $LOG_NODE -lt $num_nodes ]] || die_usage "LOG_NODE=$LOG_NODE but NODES has $num_nodes entries"
 fi
 
-is_true() { [[ "$1" == 1 || "$1" == true || "$1" == yes ]]; }
 
-# --- command helpers ------------------------------------------------------------------------------
-# Quotes one word for bash: bare when it is plainly safe, else in single quotes.
-quote() {
-  local s="$1"
-  if [[ -n "$s" && "$s" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Like quote, but keeps a --flag= prefix outside the quotes: --config='a b'.
-quote_arg() {
-  if [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf '%s%s' "${BASH_REMATCH[1]}" "$(quote "${BASH_REMATCH[2]}")"
-  else
-    quote "$1"
-  fi
-}
-
-show() {
-  local line="+" word
-  for word in "$@"; do line+=" $(quote_arg "$word")"; done
-  printf '%s\n' "$line"
-}
-
-# Runs a command, or in dry-run mode only prints it (stdout). Real runs echo it to stderr first.
-run() {
-  if is_true "$DRY_RUN"; then
-    show "$@"
-  else
-    show "$@" >&2
-    "$@"
-  fi
-}
 
 ssh_flags=()
 # shellcheck disable=SC2206  # SSH_FLAGS is a list of flags on purpose

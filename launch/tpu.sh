@@ -11,6 +11,8 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/lib.sh
+source "$REPO_ROOT/launch/lib.sh"
 readonly REPO_ROOT
 readonly VARS=(TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION QUEUED SPOT QUEUED_RESOURCE
                CREATE_FLAGS POLL_SECONDS CONFIG WORKDIR TRAIN_FLAGS TRAIN_ENV REMOTE_DIR REMOTE_PYTHON
@@ -117,7 +119,6 @@ if [[ -z "${RUNTIME_VERSION:-}" ]]; then
   esac
 fi
 
-is_true() { [[ "$1" == 1 || "$1" == true || "$1" == yes ]]; }
 
 require() {
   local var
@@ -131,41 +132,6 @@ case "$subcommand" in
   check | train | all) require WORKDIR ;;
 esac
 
-# --- command helpers ------------------------------------------------------------------------------
-# Quotes one word for bash: bare when it is plainly safe, else in single quotes.
-quote() {
-  local s="$1"
-  if [[ -n "$s" && "$s" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Like quote, but keeps a --flag= prefix outside the quotes: --command='...'.
-quote_arg() {
-  if [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf '%s%s' "${BASH_REMATCH[1]}" "$(quote "${BASH_REMATCH[2]}")"
-  else
-    quote "$1"
-  fi
-}
-
-show() {
-  local line="+" word
-  for word in "$@"; do line+=" $(quote_arg "$word")"; done
-  printf '%s\n' "$line"
-}
-
-# Runs a command, or in dry-run mode only prints it (stdout). Real runs echo it to stderr first.
-run() {
-  if is_true "$DRY_RUN"; then
-    show "$@"
-  else
-    show "$@" >&2
-    "$@"
-  fi
-}
 
 where=(--zone="$ZONE")
 [[ -z "$PROJECT" ]] || where+=(--project="$PROJECT")
