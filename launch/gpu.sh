@@ -51,34 +51,7 @@ variables (environment or --lower_case_name=VALUE):
 EOF
 }
 
-die_usage() {
-  echo "gpu.sh: $*" >&2
-  echo "run 'launch/gpu.sh --help' for usage" >&2
-  exit 2
-}
-
-# --- arguments ------------------------------------------------------------------------------------
-subcommand=""
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    --dry_run | --dry-run) DRY_RUN=1 ;;
-    --*=*)
-      name="${arg%%=*}"; name="${name#--}"
-      name="$(printf '%s' "${name//-/_}" | tr '[:lower:]' '[:upper:]')"
-      value="${arg#*=}"
-      known=0
-      for v in "${VARS[@]}"; do [[ "$v" == "$name" ]] && known=1; done
-      [[ $known == 1 ]] || die_usage "unknown flag '${arg%%=*}'"
-      printf -v "$name" '%s' "$value"
-      ;;
-    -*) die_usage "unknown flag '$arg'" ;;
-    *)
-      [[ -z "$subcommand" ]] || die_usage "one subcommand at a time (got '$subcommand' and '$arg')"
-      subcommand="$arg"
-      ;;
-  esac
-done
+parse_args "$@"
 [[ -n "$subcommand" ]] || { usage >&2; exit 2; }
 case "$subcommand" in
   install | train | logs | stop | slurm) ;;

@@ -38,3 +38,37 @@ run() {
     "$@"
   fi
 }
+
+die_usage() {
+  local prog="${0##*/}"
+  echo "$prog: $*" >&2
+  echo "run 'launch/$prog --help' for usage" >&2
+  exit 2
+}
+
+# Sets `subcommand`, DRY_RUN and each --lower_case_name=VALUE flag named in the caller's VARS array
+# (flags win over the environment); calls the caller's `usage` for --help.
+parse_args() {
+  local arg name value known v
+  subcommand=""
+  for arg in "$@"; do
+    case "$arg" in
+      -h | --help) usage; exit 0 ;;
+      --dry_run | --dry-run) DRY_RUN=1 ;;
+      --*=*)
+        name="${arg%%=*}"; name="${name#--}"
+        name="$(printf '%s' "${name//-/_}" | tr '[:lower:]' '[:upper:]')"
+        value="${arg#*=}"
+        known=0
+        for v in "${VARS[@]}"; do [[ "$v" == "$name" ]] && known=1; done
+        [[ $known == 1 ]] || die_usage "unknown flag '${arg%%=*}'"
+        printf -v "$name" '%s' "$value"
+        ;;
+      -*) die_usage "unknown flag '$arg'" ;;
+      *)
+        [[ -z "$subcommand" ]] || die_usage "one subcommand at a time (got '$subcommand' and '$arg')"
+        subcommand="$arg"
+        ;;
+    esac
+  done
+}
