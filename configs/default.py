@@ -67,7 +67,8 @@ def base() -> ml_collections.ConfigDict:
   da.response_field = "response"  # SFT pairs: response field
   da.num_documents = 20000   # documents (or conversations, for SFT) generated for the built-in data
   da.corpus_seed = 0         # seed of the built-in corpus generator
-  da.tokenizer_path = ""     # sentencepiece .model to use; "" trains one in the workdir on the data
+  da.tokenizer_path = ""     # sentencepiece .model, or a Hugging Face tokenizer.json / folder holding one;
+                             # "" trains a sentencepiece model in the workdir on the data
   da.tokenizer_vocab_size = 1024  # vocabulary of a tokenizer trained here
   da.tokenizer_model_type = "bpe"  # bpe | unigram, for a tokenizer trained here
   da.tokenizer_train_docs = 200000  # at most this many documents feed tokenizer training

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 from typing import Any, Sequence
 
@@ -67,10 +66,11 @@ class LladaLM(LM):
     del device, max_batch_size
     if (workdir is None) == (model is None):
       raise ValueError("give exactly one of workdir=... (a training workdir) or model=... (serving.load's)")
-    if workdir is not None and files.path(workdir).exists() and not files.path(
-        workdir, tokenizer_lib.TOKENIZER_FILE).exists():  # before minutes of restoring a big model
-      raise FileNotFoundError(f"no {tokenizer_lib.TOKENIZER_FILE} in {workdir}: scoring text needs the tokenizer "
-                              f"the model was trained with (llada-train keeps it in the workdir)")
+    if workdir is not None and files.path(workdir).exists() and tokenizer_lib.find(
+        workdir) is None:  # before minutes of restoring a big model
+      raise FileNotFoundError(f"no {tokenizer_lib.TOKENIZER_FILE} or {tokenizer_lib.HF_TOKENIZER_FILE} in "
+                              f"{workdir}: scoring text needs the tokenizer the model was trained with "
+                              f"(llada-train keeps it in the workdir)")
     self.model = model if model is not None else serving.load(workdir, step)
     self.workdir = workdir
     self.likelihood = evaluate.LikelihoodConfig(
@@ -88,6 +88,10 @@ class LladaLM(LM):
 
   # --- Tokenization ----------------------------------------------------------------------------------
 
+  def _encode(self, text: str) -> list[int]:
+    # Contexts may be chat-templated text (apply_chat_template below): let them spell special pieces.
+    return self.tok.encode(text, special=True)
+
   def _start(self, context: str) -> list[int]:
     """The token a context follows: BOS when it was rendered with the chat template, else EOS."""
     return [self.tok.bos_id if context.startswith(tokenizer_lib.START_HEADER) else self.tok.eos_id]
@@ -100,9 +104,9 @@ class LladaLM(LM):
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
-    ctx = self.tok.encode(context) if context else []
-    whole = self.tok.encode(context + continuation)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.tok.encode(continuation)
+    ctx = self._encode(context) if context else []
+    whole = self._encode(context + continuation)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self._encode(continuation)
     prompt = self._start(context) + ctx
     room = self.max_seq_len - len(cont)
     if room < 1:
@@ -148,7 +152,7 @@ class LladaLM(LM):
     return out
 
   def loglikelihood_rolling(self, requests) -> list[float]:
-    texts = [self.tok.encode(req.args[0]) for req in requests]
+    texts = [self._encode(req.args[0]) for req in requests]
     idx = [i for i, t in enumerate(texts) if t]
     out = np.zeros(len(texts))  # an empty text has log-probability 0
     if idx:
@@ -166,7 +170,7 @@ class LladaLM(LM):
       if room < 1:
         raise ValueError(f"gen_length={options['gen_length']} leaves no room for a prompt in the model's "
                          f"max_seq_len={self.max_seq_len}")
-      ids = (self._start(context) + (self.tok.encode(context) if context else []))[-room:]
+      ids = (self._start(context) + (self._encode(context) if context else []))[-room:]
       groups[tuple(sorted(options.items()))].append((i, ids, until, max_toks))
     seed = self.seed
     for key, items in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -175,7 +179,7 @@ class LladaLM(LM):
         done = self.model.complete([], prompt_ids=[ids for _, ids, _, _ in batch], seed=seed, **dict(key))
         seed += 1  # fresh noise per batch when sampling with temperature > 0
         for (i, _, until, max_toks), c in zip(batch, done):
-          out[i] = _cut(self.tok.decode(c.token_ids[:max_toks]), until)
+          out[i] = _cut(serving.decode_generated(self.tok, c.token_ids[:max_toks]), until)
     return out
 
   def _generation_options(self, kwargs: dict[str, Any]) -> tuple[list[str], int, dict[str, Any]]:
@@ -208,15 +212,14 @@ class LladaLM(LM):
                        "without --apply_chat_template")
     history = list(chat_history)
     if not add_generation_prompt and history and history[-1]["role"] == "assistant":
-      ids = sft.render_prompt(history[:-1], self.tok) + self.tok.encode(history[-1]["content"])
+      ids = sft.render_prompt(history[:-1], self.tok, answer_prefix=history[-1]["content"])
     else:
       ids = sft.render_prompt(history, self.tok)
     return self.tok.decode(ids[1:])
 
   @property
   def tokenizer_name(self) -> str:
-    proto = getattr(self.tok, "model_proto", b"")
-    return "llada_jax-" + hashlib.sha256(proto).hexdigest()[:16]
+    return "llada_jax-" + self.tok.fingerprint()
 
   def chat_template(self, chat_template: bool | str = False) -> str | None:
     return "llada_jax Llama-3-style (llada_jax.data.sft)" if chat_template and self.model.is_chat else None

@@ -1,10 +1,11 @@
-"""`llada-tokenizer`: train a sentencepiece tokenizer on your data, and inspect it.
+"""`llada-tokenizer`: train a sentencepiece tokenizer on your data, and inspect it (or a Hugging Face one).
 
   llada-tokenizer train --input='data/*.txt' --vocab_size=8000 --output=/tmp/tok.model
   llada-tokenizer train --format=jsonl --input='data/*.jsonl' --text_field=text --output=tok.model
   llada-tokenizer train --format=tfds --tfds_name=lm1b --tfds_data_dir=DIR --output=tok.model
   llada-tokenizer encode --tokenizer=tok.model --text="the quiet cat"
   llada-tokenizer decode --tokenizer=tok.model --ids=5,17,42
+  llada-tokenizer encode --tokenizer=LLaDA-8B-Instruct/ --text="the quiet cat"   # tokenizer.json folder
 
 Trained models carry the special pieces the rest of the package expects (pad, EOS, BOS, unk, the mask
 piece and the chat-template pieces) at fixed ids; `--extra_pieces` adds more.
@@ -28,7 +29,8 @@ _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "train:
 _MAX_DOCS = flags.DEFINE_integer("max_docs", 200000, "train: documents sampled for training.")
 _EXTRA = flags.DEFINE_list("extra_pieces", [], "train: additional user-defined pieces.")
 _OUTPUT = flags.DEFINE_string("output", "", "train: where to write the .model file.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "encode/decode: the .model file.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "encode/decode: a sentencepiece .model, a Hugging Face "
+                                  "tokenizer.json, or a folder holding one.")
 _TEXT = flags.DEFINE_string("text", None, "encode: text to encode.")
 _IDS = flags.DEFINE_list("ids", [], "decode: comma-separated token ids.")
 
@@ -50,10 +52,11 @@ def _train() -> None:
         f"bos {tok.bos_id}, mask {tok.mask_id}) from {len(source)} documents")
 
 
-def _load() -> tokenizer_lib.SentencePieceTokenizer:
+def _load() -> tokenizer_lib.Tokenizer:
   if not _TOKENIZER.value:
-    raise ValueError("--tokenizer is required: the .model file to use")
-  return tokenizer_lib.SentencePieceTokenizer.load(_TOKENIZER.value)
+    raise ValueError("--tokenizer is required: a sentencepiece .model, a Hugging Face tokenizer.json, or a "
+                     "folder holding one")
+  return tokenizer_lib.load(_TOKENIZER.value)
 
 
 @common.user_errors("llada-tokenizer")

@@ -142,11 +142,12 @@ def _inherited_tokenizer(init_from: str) -> str:
   """The tokenizer of the run being fine-tuned: ids must keep their meaning across pre-training and SFT."""
   folder = files.path(init_from)
   for candidate in (folder, folder.parent) if folder.name == "checkpoints" else (folder,):
-    path = candidate / tokenizer_lib.TOKENIZER_FILE
-    if path.exists():
+    path = tokenizer_lib.find(candidate)
+    if path is not None:
       return os.fspath(path)
-  raise FileNotFoundError(f"config field 'train.init_from'={init_from!r} holds no {tokenizer_lib.TOKENIZER_FILE}; "
-                          "set data.tokenizer_path to the tokenizer the pre-trained model used")
+  raise FileNotFoundError(f"config field 'train.init_from'={init_from!r} holds no {tokenizer_lib.TOKENIZER_FILE} "
+                          f"or {tokenizer_lib.HF_TOKENIZER_FILE}; set data.tokenizer_path to the tokenizer the "
+                          "pre-trained model used")
 
 
 def _shared_tokenizer(make: Callable[[], Any]) -> Any:
@@ -195,8 +196,9 @@ def build_training_data(config: Config, workdir: str, *, process_index: int | No
     sentences = lambda: corpus.iter_sentences(documents)
   else:
     if d.source == "array_record" and not tok_source:
-      raise ValueError("config field 'data.tokenizer_path' must name the tokenizer (.model) that produced "
-                       "the ids in the ArrayRecord files of data.source='array_record'")
+      raise ValueError("config field 'data.tokenizer_path' must name the tokenizer (a sentencepiece .model, or "
+                       "a Hugging Face tokenizer.json or its folder) that produced the ids in the ArrayRecord "
+                       "files of data.source='array_record'")
     documents = sources.make_source(d)
     sentences = lambda: sources.sample_texts(documents, d.tokenizer_train_docs, d.shuffle_seed)
   tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(

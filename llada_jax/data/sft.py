@@ -7,10 +7,14 @@ turn k plus `<|eot_id|>`. Rows are `[prompt, response, EOS...]` of fixed length 
 belong to the response (the model learns to stop), but a batch only counts them up to its longest row, as
 the reference's pad-to-batch-max does, while shapes stay `[B, seq_len]` so jit never recompiles.
 
-Rendered layout (Llama-3 style, special pieces inserted as ids, never parsed out of text):
-  <BOS>[<|start_header_id|>system<|end_header_id|>\\n\\n{s}<|eot_id|>]
-  <|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>
-  <|start_header_id|>assistant<|end_header_id|>\\n\\n | {a}<|eot_id|> <EOS> <EOS> ...   ("|" is prompt_len)
+Rendered layout, token for token the released LLaDA chat template (REFERENCE §3; its Jinja renders a
+string that Hugging Face splits at special tokens, then encodes each text run on its own):
+  <BOS>[<|start_header_id|>system<|end_header_id|>{\\n\\n + s.strip()}<|eot_id|>]
+  <|start_header_id|>user<|end_header_id|>{\\n\\n + q.strip()}<|eot_id|>
+  <|start_header_id|>assistant<|end_header_id|>{\\n\\n} | {a.strip()}<|eot_id|> <EOS> <EOS> ...
+Each {...} is one `tok.encode` call ("|" is prompt_len): the header suffix and the content form one text
+run, as in the release, where a BPE merge may join them. Special pieces are inserted as ids, never parsed
+out of text, so content that spells `<|eot_id|>` stays text.
 """
 
 from __future__ import annotations
@@ -139,28 +143,28 @@ def _messages_of(conversation: Any) -> Any:
 # Rendering
 
 
-def _header(role: str, tok: Tokenizer, t: TemplateIds, template: ChatTemplate) -> list[int]:
-  return [t.start_header, *tok.encode(role), t.end_header, *tok.encode(template.header_suffix)]
+def render_prompt(history: Sequence[Message], tok: Tokenizer, template: ChatTemplate = ChatTemplate(),
+                  *, answer_prefix: str = "") -> list[int]:
+  """BOS, every turn of `history`, then the assistant header: the generation prompt. `answer_prefix`
+  is the start of the answer, already written (lm-eval prefills answers that way).
 
-
-def render_prompt(history: Sequence[Message], tok: Tokenizer,
-                  template: ChatTemplate = ChatTemplate()) -> list[int]:
-  """BOS, every turn of `history`, then the assistant header: the generation prompt.
-
-  Example: [{"role": "user", "content": "hi"}] -> [BOS, SH, *enc("user"), EH, *enc("\\n\\n"), *enc("hi"),
-  EOT, SH, *enc("assistant"), EH, *enc("\\n\\n")].
+  Example: [{"role": "user", "content": " hi\\n"}] -> [BOS, SH, *enc("user"), EH, *enc("\\n\\nhi"), EOT,
+  SH, *enc("assistant"), EH, *enc("\\n\\n")].
   """
   t = template.ids(tok)
   ids = [tok.bos_id]
   for m in history:
-    # Text parts are encoded separately so a special piece is always its own id, whatever the text says.
-    ids += _header(m["role"], tok, t, template) + tok.encode(m["content"]) + [t.eot]
-  return ids + _header("assistant", tok, t, template)
+    # The released template trims the content (Jinja `trim` = str.strip) and leaves it in one text run
+    # with the header suffix.
+    ids += [t.start_header, *tok.encode(m["role"]), t.end_header,
+            *tok.encode(template.header_suffix + m["content"].strip()), t.eot]
+  return ids + [t.start_header, *tok.encode("assistant"), t.end_header,
+                *tok.encode(template.header_suffix + answer_prefix.lstrip())]
 
 
 def render_response(answer: str, tok: Tokenizer, template: ChatTemplate = ChatTemplate()) -> list[int]:
-  """The answer's ids followed by `<|eot_id|>`. Example: "ok" -> [*enc("ok"), EOT]."""
-  return tok.encode(answer) + [template.ids(tok).eot]
+  """The stripped answer's ids followed by `<|eot_id|>`. Example: " ok\\n" -> [*enc("ok"), EOT]."""
+  return tok.encode(answer.strip()) + [template.ids(tok).eot]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Tokenizers behind one small interface (`Tokenizer`); today sentencepiece models trained here.
+"""Tokenizers behind one small interface (`Tokenizer`): sentencepiece models, or Hugging Face files.
+
+Two kinds, told apart by file name (`find`, `load`): a sentencepiece `tokenizer.model` (what this
+package trains) or a Hugging Face `tokenizer.json` with its config files (the released LLaDA tokenizer,
+`hf_tokenizer.py`, whose special ids are read from the files). A run keeps its tokenizer in the workdir
+(`save_dir`), whichever kind, so checkpoints stay self-contained.
 
 A sentencepiece tokenizer trained by this package fixes its special ids: pad 0, EOS 1, BOS 2, unk 3,
 mask `<|mask|>` 4 (the `diffusion.mask_token_id` default), a newline piece 5 (couplets keep their line
@@ -7,11 +12,13 @@ break), then the chat-template pieces `<|start_header_id|>` 6, `<|end_header_id|
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from typing import Iterable, Protocol, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 from llada_jax import files
 
@@ -19,6 +26,7 @@ MASK_PIECE = "<|mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer(Protocol):
@@ -32,12 +40,20 @@ class Tokenizer(Protocol):
   @property
   def vocab_size(self) -> int: ...
 
-  def encode(self, text: str) -> list[int]: ...
+  def encode(self, text: str, *, special: bool = False) -> list[int]:
+    """Ids of `text`. `special=True` lets the text spell special pieces (a chat template rendered as
+    text, as lm-eval hands it over); by default they stay text where the kind allows it."""
+
+  def fingerprint(self) -> str:
+    """A short hash of the tokenizer's files: equal fingerprints, equal ids."""
 
   def decode(self, ids: Sequence[int]) -> str: ...
 
   def piece_to_id(self, piece: str) -> int | None:
     """Id of a special piece (e.g. a chat header), or None if the vocabulary lacks it."""
+
+  def save_dir(self, folder: str | os.PathLike) -> None:
+    """Writes the tokenizer's file(s) into `folder`, where `load(folder)` finds them."""
 
 
 class SentencePieceTokenizer:
@@ -57,8 +73,12 @@ class SentencePieceTokenizer:
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, *, special: bool = False) -> list[int]:
+    del special  # sentencepiece always matches its user-defined pieces (mask, chat headers) in text
     return self._sp.encode(text)
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
   def piece_to_id(self, piece: str) -> int | None:
     i = self._sp.piece_to_id(piece)
@@ -74,6 +94,9 @@ class SentencePieceTokenizer:
   def save(self, path: str | os.PathLike) -> None:
     files.write_atomic(files.path(path), self.model_proto)  # never half a tokenizer behind
 
+  def save_dir(self, folder: str | os.PathLike) -> None:
+    self.save(files.path(folder, TOKENIZER_FILE))
+
   @classmethod
   def load(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
     path = files.path(path)
@@ -84,6 +107,36 @@ class SentencePieceTokenizer:
       return cls(data)
     except (RuntimeError, ValueError) as e:
       raise ValueError(f"tokenizer file {path} is not a usable sentencepiece model: {e}") from e
+
+
+def find(folder: str | os.PathLike) -> epath.Path | None:
+  """The tokenizer file in `folder` (tokenizer.json, else tokenizer.model), or None.
+
+  tokenizer.json wins: a Hugging Face folder may also carry its slow tokenizer's tokenizer.model, and
+  the fast one is what Hugging Face itself loads. Example: find(workdir) -> workdir/tokenizer.model.
+  """
+  folder = files.path(folder)
+  for name in (HF_TOKENIZER_FILE, TOKENIZER_FILE):
+    if (folder / name).exists():
+      return folder / name
+  return None
+
+
+def load(path: str | os.PathLike) -> Tokenizer:
+  """A tokenizer from a folder (whichever file `find` sees), a `*.json` (Hugging Face) or a
+  sentencepiece model file. Example: load("run/") -> SentencePieceTokenizer; load("LLaDA-8B/") ->
+  HFTokenizer."""
+  path = files.path(path)
+  if path.is_dir():
+    found = find(path)
+    if found is None:
+      raise FileNotFoundError(f"no tokenizer in {path}: expected {TOKENIZER_FILE} (sentencepiece) or "
+                              f"{HF_TOKENIZER_FILE} (Hugging Face)")
+    path = found
+  if path.name.endswith(".json"):
+    from llada_jax.data import hf_tokenizer  # its `tokenizers` import is optional: only when needed
+    return hf_tokenizer.HFTokenizer.load(path)
+  return SentencePieceTokenizer.load(path)
 
 
 def stop_ids(tok: Tokenizer) -> set[int]:
@@ -112,18 +165,17 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
 
 
 def load_or_train(workdir: str, sentences_fn, vocab_size: int, model_type: str = "bpe",
-                  source_path: str = "") -> SentencePieceTokenizer:
-  """The run's tokenizer, kept as `workdir/tokenizer.model` so checkpoints are self-contained.
+                  source_path: str = "") -> Tokenizer:
+  """The run's tokenizer, kept in the workdir (`tokenizer.model` or `tokenizer.json` + configs) so
+  checkpoints are self-contained.
 
-  On resume the workdir's copy is reused. Otherwise `source_path` (a .model file) is loaded, or a new
-  model is trained on `sentences_fn()`; either way it is saved into the workdir.
+  On resume the workdir's copy is reused. Otherwise `source_path` (a .model file, a tokenizer.json, or
+  a folder holding either) is loaded, or a new sentencepiece model is trained on `sentences_fn()`;
+  either way it is saved into the workdir.
   """
-  path = files.path(workdir, TOKENIZER_FILE)
-  if path.exists():
-    return SentencePieceTokenizer.load(path)
-  if source_path:
-    tok = SentencePieceTokenizer.load(source_path)
-  else:
-    tok = train_sentencepiece(sentences_fn(), vocab_size, model_type)
-  tok.save(path)
+  found = find(workdir)
+  if found is not None:
+    return load(found)
+  tok = load(source_path) if source_path else train_sentencepiece(sentences_fn(), vocab_size, model_type)
+  tok.save_dir(workdir)
   return tok
