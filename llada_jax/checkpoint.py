@@ -33,11 +33,13 @@ class Checkpointer:
   The newest `max_to_keep` steps are kept, plus every multiple of `keep_every` (0: none).
 
   `read_only=True` opens someone else's checkpoints (e.g. a pre-trained run to fine-tune from) without
-  creating, deleting or writing anything there.
+  creating, deleting or writing anything there. `save_host_gb` bounds how many GB of a save are copied
+  from the devices to host memory at once (the save then blocks on writes as it goes): for one-off
+  saves of a model that already fills host memory, such as a conversion on a CPU host.
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int = 0, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, save_host_gb: int | None = None):
     self.directory = (_existing_checkpoint_dir(workdir) if read_only
                       else files.path(workdir, CHECKPOINT_DIR))
     if read_only and not self.directory.is_dir():
@@ -46,7 +48,15 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
                                            create=not read_only, enable_async_checkpointing=async_save,
                                            read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = None
+    self._state_save = ocp.args.StandardSave
+    if save_host_gb:
+      # StandardSave's handler has no such bound; its base handler writes the same format.
+      handlers = {"state": ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=save_host_gb,
+                                                       save_concurrent_gb=save_host_gb),
+                  "config": ocp.JsonCheckpointHandler()}
+      self._state_save = ocp.args.PyTreeSave
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -56,7 +66,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_iterator: grain.DatasetIterator | None,
            config: dict[str, Any], force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    items = {"state": self._state_save(state), "config": ocp.args.JsonSave(config)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)

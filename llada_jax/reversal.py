@@ -230,7 +230,7 @@ def _infill_first_lines(m: serving.LoadedModel, rows: Sequence[list[int]], holes
     for r, (_, n) in enumerate(chunk):
       start = int(np.argmax(tokens[r] == tok.mask_id) if n else 0)
       ids = sampling.strip_at_stop(filled[r, start:start + n], tokenizer_lib.stop_ids(tok))
-      answers.append(tok.decode(ids))
+      answers.append(serving.decode_generated(tok, ids))
   return answers
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
+from llada_jax import checkpoint as ckpt_lib, model as model_lib, sampling, sharding
 from llada_jax.config import Config, from_config_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
@@ -90,9 +90,23 @@ class LoadedModel:
     for row, text in enumerate(shown):
       raw = [int(i) for i in np.asarray(out.tokens_BL[row, width:])]
       kept = sampling.strip_at_stop(raw, stops)
-      results.append(Completion(text, kept, tok.decode(kept), int(out.steps_B[row]),
+      results.append(Completion(text, kept, decode_generated(tok, kept), int(out.steps_B[row]),
                                 [int(s) for s in np.asarray(out.commit_step_BL[row, width:])], raw))
     return results
+
+
+def decode_generated(tok: Any, ids: Sequence[int]) -> str:
+  """Text of generated ids. An id past the tokenizer's vocabulary (a padding row of the embedding that
+  no text maps to, e.g. ids 126349..126463 of the released 8B model, which a model can still pick) shows
+  as U+FFFD instead of failing the whole decode."""
+  out, run = [], []
+  for i in ids:
+    if 0 <= int(i) < tok.vocab_size:
+      run.append(int(i))
+      continue
+    out.append(tok.decode(run) + "\ufffd")
+    run = []
+  return "".join(out) + tok.decode(run)
 
 
 _CAUSAL_OPTIONS = ("gen_length", "temperature", "suppress_eos_logit")
@@ -128,8 +142,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
   params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
   ckpt.close()
-  tok_path = files.path(workdir, tokenizer_lib.TOKENIZER_FILE)
-  tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tok_path)
+  tokenizer = tokenizer_lib.load(workdir)  # whichever kind the run kept: tokenizer.model or tokenizer.json
   return LoadedModel(dataclasses.replace(config, model=model_cfg), graphdef, params, tokenizer, step)
 
 

@@ -216,8 +216,8 @@ def _check_resume_config(config: Config, saved: dict, where: str) -> None:
   for section in ("model",):
     for key, value in saved.get(section, {}).items():
       now = getattr(getattr(config, section), key)
-      if key in ("remat_policy", "scan_layers", "dtype"):
-        continue  # execution choices: a run may resume with different ones
+      if key in ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std"):
+        continue  # execution choices (restores cast to param_dtype): a run may resume with different ones
       if (list(now) if isinstance(now, tuple) else now) != value:
         raise ValueError(f"config field '{section}.{key}'={now!r} differs from {value!r} in the checkpoint "
                          f"at {where}; use a new --workdir or the checkpoint's value")

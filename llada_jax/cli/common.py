@@ -63,8 +63,9 @@ def fake_cpu_devices(n: int) -> None:
 
 
 def user_errors(prog: str):
-  """Wraps an absl `main`: a ValueError / FileNotFoundError (bad config, flag, file) becomes one line on
-  stderr and exit code 1; `--verbose` shows the traceback instead. Orbax's per-save INFO logs are muted."""
+  """Wraps an absl `main`: a ValueError / FileNotFoundError / FileExistsError (bad config, flag, file)
+  or the ImportError of a missing optional extra becomes one line on stderr and exit code 1; `--verbose`
+  shows the traceback instead. Orbax's per-save INFO logs are muted."""
   def wrap(main):
     @functools.wraps(main)
     def inner(argv):
@@ -72,7 +73,7 @@ def user_errors(prog: str):
         logging.set_verbosity(logging.WARNING)
       try:
         return main(argv)
-      except (ValueError, FileNotFoundError) as e:
+      except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         if VERBOSE.value:
           raise
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -1,0 +1,45 @@
+"""`llada-convert`: a Hugging Face LLaDA checkpoint (safetensors) -> a llada_jax workdir, offline.
+
+  llada-convert --hf_dir=/models/LLaDA-8B-Instruct --out=/ckpt/llada8b_instruct
+  llada-chat --workdir=/ckpt/llada8b_instruct
+
+The workdir holds an Orbax step 0 with the parameters, the resolved config and the tokenizer, and is
+read by `llada-sample`, `llada-chat`, `llada-eval` and fine-tuning (`--config.train.init_from=`).
+Tensors stream one at a time into the parameters' sharding over this host's devices. Needs the `hf`
+extra (`pip install 'llada_jax[hf]'`: safetensors, tokenizers).
+"""
+
+from absl import app, flags
+
+from llada_jax import hf
+from llada_jax.cli import common
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Folder with config.json, *.safetensors and tokenizer files.")
+_OUT = flags.DEFINE_string("out", None, "New workdir to write (local path or gs://).")
+_DTYPE = flags.DEFINE_enum("dtype", "keep", list(hf.DTYPES), "Parameter dtype: keep the stored one, or cast.")
+_COMPUTE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                             "Activation dtype recorded in the config (model.dtype).")
+_INSTRUCT = flags.DEFINE_enum("instruct", "auto", ["auto", "true", "false"],
+                              "A chat model (prompts get the chat template)? auto: 'instruct' in the folder name.")
+
+
+@common.user_errors("llada-convert")
+def main(argv):
+  del argv
+  instruct = None if _INSTRUCT.value == "auto" else _INSTRUCT.value == "true"
+  config = hf.import_checkpoint(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, compute_dtype=_COMPUTE.value,
+                                instruct=instruct)
+  m = config.model
+  kind = "instruct (chat template)" if config.diffusion.objective == "sft" else "base"
+  print(f"wrote {_OUT.value}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
+        f"{m.param_dtype} parameters, {kind} model, mask id {config.diffusion.mask_token_id}")
+  return 0
+
+
+def run():
+  flags.mark_flags_as_required(["hf_dir", "out"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

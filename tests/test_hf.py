@@ -1,0 +1,341 @@
+"""Hugging Face interop: tiny synthetic LLaDA directories in the released layout (REFERENCE §1), written
+here with safetensors/numpy, imported, run, exported, and broken on purpose."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+from safetensors import safe_open
+
+import hf_fixtures
+from llada_jax import evaluate, harness, hf, model as model_lib, serving
+from llada_jax.data import sft
+from llada_jax.config import MeshConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The `tiny` preset's shape (configs/default.py), so configs/sft_tiny.py can fine-tune the import.
+D, HEADS, KV, LAYERS, FFN, VOCAB = 32, 4, 2, 2, 64, 256
+
+
+def _hf_config(mask_id: int, eos_id: int) -> dict:
+  return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
+          "block_type": "llama", "layer_norm_type": "rms", "weight_tying": False, "include_bias": False,
+          "include_qkv_bias": False, "alibi": False, "rope": True, "d_model": D, "n_heads": HEADS,
+          "n_kv_heads": KV, "n_layers": LAYERS, "mlp_hidden_size": FFN, "vocab_size": VOCAB,
+          "embedding_size": VOCAB, "max_sequence_length": 4096, "rope_theta": 500000.0,
+          "rms_norm_eps": 1e-5, "mask_token_id": mask_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+          "transformers_version": "4.46.3", "precision": "amp_bf16"}
+
+
+def _hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights under the released names, PyTorch [out, in] layout; norms away from 1."""
+  rng = np.random.default_rng(seed)
+  h = D // HEADS
+  mat = lambda *s: (0.3 * rng.standard_normal(s)).astype(np.float32)
+  norm = lambda: (1 + 0.2 * rng.standard_normal(D)).astype(np.float32)
+  w = {"model.transformer.wte.weight": mat(VOCAB, D)}
+  for i in range(LAYERS):
+    p = f"model.transformer.blocks.{i}."
+    w.update({p + "attn_norm.weight": norm(), p + "q_proj.weight": mat(HEADS * h, D),
+              p + "k_proj.weight": mat(KV * h, D), p + "v_proj.weight": mat(KV * h, D),
+              p + "attn_out.weight": mat(D, HEADS * h), p + "ff_norm.weight": norm(),
+              p + "ff_proj.weight": mat(FFN, D), p + "up_proj.weight": mat(FFN, D),
+              p + "ff_out.weight": mat(D, FFN)})
+  w["model.transformer.ln_f.weight"] = norm()
+  w["model.transformer.ff_out.weight"] = mat(VOCAB, D)
+  return w
+
+
+def write_hf_dir(folder, *, dtype=np.float32, num_files: int = 1, name_index: bool = True, seed: int = 0):
+  """A complete LLaDA-layout directory; returns (weights as written, config, tokenizer ids)."""
+  os.makedirs(folder, exist_ok=True)
+  ids = hf_fixtures.write_hf_tokenizer(folder)
+  config = _hf_config(ids["<|mdm_mask|>"], ids["<|endoftext|>"])
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f)
+  weights = {k: v.astype(dtype) for k, v in _hf_weights(seed).items()}
+  names = list(weights)
+  chunks = np.array_split(np.arange(len(names)), num_files)
+  files = ([f"model-{i + 1:05d}-of-{num_files:05d}.safetensors" for i in range(num_files)]
+           if num_files > 1 else ["model.safetensors"])
+  weight_map = {}
+  for file, chunk in zip(files, chunks):
+    st_numpy.save_file({names[j]: weights[names[j]] for j in chunk}, os.path.join(folder, file),
+                       metadata={"format": "pt"})
+    weight_map.update({names[j]: file for j in chunk})
+  if num_files > 1 and name_index:
+    with open(os.path.join(folder, hf.INDEX_FILE), "w") as f:
+      json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  return weights, config, ids
+
+
+def reference_logits(w: dict[str, np.ndarray], cfg: dict, tokens_BT: np.ndarray,
+                     valid_BT: np.ndarray) -> np.ndarray:
+  """The released architecture (REFERENCE §1) in float64 NumPy, on the HF tensors as stored."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  d, n, k, eps = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["rms_norm_eps"]
+  h, (B, T) = d // n, tokens_BT.shape
+  rms = lambda x, g: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+  inv_freq = cfg["rope_theta"] ** (-np.arange(0, h, 2) / h)
+  angles = np.arange(T)[:, None] * inv_freq[None, :]
+  cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
+
+  def rope(x_BTNH):
+    rotated = np.concatenate([-x_BTNH[..., h // 2:], x_BTNH[..., :h // 2]], -1)
+    return x_BTNH * cos[None, :, None] + rotated * sin[None, :, None]
+
+  x = w["model.transformer.wte.weight"][tokens_BT]
+  for i in range(cfg["n_layers"]):
+    p = lambda name: w[f"model.transformer.blocks.{i}.{name}.weight"]
+    y = rms(x, p("attn_norm"))
+    q = rope((y @ p("q_proj").T).reshape(B, T, n, h))
+    keys = np.repeat(rope((y @ p("k_proj").T).reshape(B, T, k, h)), n // k, axis=2)  # repeat_interleave
+    values = np.repeat((y @ p("v_proj").T).reshape(B, T, k, h), n // k, axis=2)
+    scores = np.einsum("bqnh,bsnh->bnqs", q, keys) / np.sqrt(h)
+    scores = np.where(valid_BT[:, None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + np.einsum("bnqs,bsnh->bqnh", probs, values).reshape(B, T, n * h) @ p("attn_out").T
+    y = rms(x, p("ff_norm"))
+    gate = y @ p("ff_proj").T
+    x = x + ((gate / (1 + np.exp(-gate))) * (y @ p("up_proj").T)) @ p("ff_out").T
+  return rms(x, w["model.transformer.ln_f.weight"]) @ w["model.transformer.ff_out.weight"].T
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics and placement
+
+
+def test_forward_on_imported_weights_matches_float64_reference(tmp_path, devices):
+  weights, config, _ = write_hf_dir(tmp_path / "hf", num_files=3)
+  model = hf.load(tmp_path / "hf", dtype="float32", compute_dtype="float32")
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, VOCAB, size=(2, 12))
+  valid = np.ones((2, 12), bool)
+  valid[1, 9:] = False  # key padding on the second row
+  ours = np.asarray(model_lib.apply(model.graphdef, model.params, tokens, valid))
+  ref = reference_logits(weights, config, tokens, valid)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(ours[1, :9], ref[1, :9], rtol=2e-4, atol=2e-4)
+  assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero tensors
+
+
+def test_import_is_sharded_over_the_mesh_and_in_our_layout(tmp_path, devices):
+  weights, _, _ = write_hf_dir(tmp_path / "hf", dtype=ml_dtypes.bfloat16)
+  model = hf.load(tmp_path / "hf", mesh=MeshConfig(data=2, fsdp=4))
+  q = model.params["blocks"]["q_proj"]
+  assert q.dtype == np.dtype("bfloat16") and model.config.model.param_dtype == "bfloat16"
+  assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
+  assert q.addressable_shards[0].data.shape == (LAYERS, D // 4, HEADS, D // HEADS)  # d_model split 4 ways
+  h = D // HEADS
+  for i in range(LAYERS):
+    expect = weights[f"model.transformer.blocks.{i}.q_proj.weight"].T.reshape(D, HEADS, h)
+    np.testing.assert_array_equal(np.asarray(q[i]), expect)
+    expect = weights[f"model.transformer.blocks.{i}.attn_out.weight"].T.reshape(HEADS, h, D)
+    np.testing.assert_array_equal(np.asarray(model.params["blocks"]["attn_out"][i]), expect)
+  np.testing.assert_array_equal(np.asarray(model.params["lm_head"]),
+                                weights["model.transformer.ff_out.weight"].T)
+  cast = hf.load(tmp_path / "hf", dtype="float32")
+  assert cast.params["embedding"].dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(cast.params["embedding"]),
+                                weights["model.transformer.wte.weight"].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_import_then_export_is_bit_exact(tmp_path, dtype, devices):
+  weights, config, _ = write_hf_dir(tmp_path / "hf", dtype=dtype, num_files=2)
+  hf.import_checkpoint(tmp_path / "hf", tmp_path / "work")
+  names = hf.export_checkpoint(tmp_path / "work", tmp_path / "out", max_shard_bytes=40_000)
+  assert len(names) > 1 and (tmp_path / "out" / hf.INDEX_FILE).exists()
+  index = json.loads((tmp_path / "out" / hf.INDEX_FILE).read_text())["weight_map"]
+  assert set(index) == set(weights)
+  for name, expected in weights.items():
+    with safe_open(str(tmp_path / "out" / index[name]), framework="numpy") as f:
+      got = f.get_tensor(name)
+      assert f.metadata() == {"format": "pt"}
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert got.tobytes() == expected.tobytes(), name
+  exported = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert {k: exported[k] for k in config} == config  # every key of the original survives, unchanged
+  assert hf.HFDirectory(tmp_path / "out").check(hf.model_config_from_hf(exported, param_dtype="float32"))
+  assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The converted workdir in the rest of the package
+
+
+def _cli(module, *args):
+  return subprocess.run([sys.executable, "-m", f"llada_jax.cli.{module}", *args], capture_output=True,
+                        text=True, timeout=600, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hf_cli")
+  weights, config, ids = write_hf_dir(root / "LLaDA-tiny-Instruct", num_files=2)
+  r = _cli("convert", f"--hf_dir={root / 'LLaDA-tiny-Instruct'}", f"--out={root / 'work'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "instruct (chat template)" in r.stdout
+  return root, config, ids
+
+
+def test_converted_workdir_serves_scores_and_exports(converted):
+  root, config, ids = converted
+  model = serving.load(str(root / "work"))
+  assert model.is_chat and model.config.diffusion.mask_token_id == ids["<|mdm_mask|>"]
+  assert model.tokenizer.eos_id == ids["<|endoftext|>"]
+  out = model.complete(["hello there"], gen_length=8, steps=8, block_length=8)[0]
+  assert len(out.raw_ids) == 8 and ids["<|mdm_mask|>"] not in out.raw_ids
+  scorer = evaluate.Scorer.from_loaded(model)
+  tok = model.tokenizer
+  lp = scorer.loglikelihood([[tok.bos_id] + tok.encode("the cat")], [tok.encode(" sat")],
+                            evaluate.LikelihoodConfig(mc_num=4, batch_size=4))
+  assert np.isfinite(lp[0]) and lp[0] < 0
+  lm = harness.LladaLM(model=model)  # lm-eval hands chat-templated contexts back as text
+  history = [{"role": "user", "content": " hi there\n"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "and now?"}]
+  text = lm.apply_chat_template(history)
+  assert lm._encode(text) == sft.render_prompt(history, tok)[1:]  # pylint: disable=protected-access
+  assert lm._start(text) == [tok.bos_id]  # pylint: disable=protected-access
+  r = _cli("sample", f"--workdir={root / 'work'}", "--prompt=hello", "--gen_length=8", "--steps=8",
+           "--block_length=8")
+  assert r.returncode == 0 and "hello" in r.stdout, r.stderr[-3000:]
+  r = _cli("export", f"--workdir={root / 'work'}", f"--out={root / 'exported'}", "--dtype=bfloat16")
+  assert r.returncode == 0, r.stderr[-3000:]
+  with safe_open(str(root / "exported" / "model.safetensors"), framework="numpy") as f:
+    assert f.get_tensor("model.transformer.ln_f.weight").dtype == np.dtype("bfloat16")
+  r = _cli("export", f"--workdir={root / 'work'}", f"--out={root / 'exported'}")
+  assert r.returncode == 1 and "not empty" in r.stderr  # never writes over an earlier export
+
+
+def test_sft_fine_tunes_from_the_converted_workdir(converted, tmp_path):
+  root, _, ids = converted
+  r = _cli("train", f"--config={os.path.join(REPO, 'configs', 'sft_tiny.py')}", f"--workdir={tmp_path}",
+           f"--config.train.init_from={root / 'work'}", f"--config.diffusion.mask_token_id={ids['<|mdm_mask|>']}",
+           "--config.train.num_steps=2", "--config.optim.warmup_steps=1", "--config.optim.decay_steps=1",
+           "--config.train.num_samples=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "initialised parameters from step 0" in r.stdout
+  assert (tmp_path / "tokenizer.json").exists()  # the released tokenizer travels with the fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Malformed directories: a clear message, and no weight read before the checks pass
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+  def fail(self, name):
+    raise AssertionError(f"read {name} before the directory was validated")
+  monkeypatch.setattr(hf.HFDirectory, "read", fail)
+
+
+def _edit_config(folder, **changes):
+  path = os.path.join(folder, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  for key, value in changes.items():
+    if value is None:
+      cfg.pop(key)
+    else:
+      cfg[key] = value
+  with open(path, "w") as f:
+    json.dump(cfg, f)
+
+
+def _rewrite(folder, change):
+  path = os.path.join(folder, "model.safetensors")
+  tensors = st_numpy.load_file(path)
+  change(tensors)
+  st_numpy.save_file(tensors, path)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda d: _rewrite(d, lambda t: t.pop("model.transformer.blocks.1.up_proj.weight")),
+     "model.transformer.blocks.1.up_proj.weight"),
+    (lambda d: _rewrite(d, lambda t: t.update({"model.transformer.blocks.0.k_proj.weight":
+                                                 np.zeros((D, D), np.float32)})),
+     "'model.transformer.blocks.0.k_proj.weight' in model.safetensors has shape [32, 32]"),
+    (lambda d: _rewrite(d, lambda t: t.update({"model.transformer.blocks.0.attn.bias": np.zeros(3)})),
+     "model.transformer.blocks.0.attn.bias"),
+    (lambda d: _edit_config(d, mlp_hidden_size=None), "lacks the key 'mlp_hidden_size'"),
+    (lambda d: _edit_config(d, block_type=None), "lacks the key 'block_type'"),
+    (lambda d: _edit_config(d, block_type="sequential"), "'block_type'='sequential' is not supported"),
+    (lambda d: _edit_config(d, weight_tying=True), "'weight_tying'=True is not supported"),
+    (lambda d: _edit_config(d, mask_token_id=3), "mask_token_id=3 but the tokenizer's id"),
+    (lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(100),
+     "not a readable safetensors file"),
+])
+def test_malformed_directory_names_the_problem(tmp_path, breakage, message, no_reads):
+  write_hf_dir(tmp_path)
+  breakage(str(tmp_path))
+  with pytest.raises(ValueError) as e:
+    hf.load(tmp_path)
+  assert message in str(e.value)
+
+
+def test_pickle_checkpoint_is_refused_with_how_to_convert(tmp_path, no_reads):
+  write_hf_dir(tmp_path)
+  os.remove(tmp_path / "model.safetensors")
+  (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+  with pytest.raises(ValueError) as e:
+    hf.load(tmp_path)
+  assert "pytorch_model.bin" in str(e.value) and "save_pretrained" in str(e.value)
+  assert "safetensors" in str(e.value)
+
+
+def test_missing_files_are_named(tmp_path, no_reads):
+  write_hf_dir(tmp_path, num_files=2)
+  os.remove(tmp_path / "model-00002-of-00002.safetensors")
+  with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+    hf.load(tmp_path)
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    hf.load(tmp_path)
+
+
+def test_convert_cli_reports_errors_in_one_line(tmp_path):
+  write_hf_dir(tmp_path / "hf")
+  _edit_config(tmp_path / "hf", n_layers=3)
+  r = _cli("convert", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert "model.transformer.blocks.2." in r.stderr  # the config asks for a layer the files lack
+  assert not (tmp_path / "work").exists()  # nothing written before the checks
+
+
+def test_import_refuses_to_overwrite_a_workdir(tmp_path):
+  write_hf_dir(tmp_path / "hf")
+  hf.import_checkpoint(tmp_path / "hf", tmp_path / "work")
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    hf.import_checkpoint(tmp_path / "hf", tmp_path / "work")
+
+
+def test_released_8b_config_matches_the_sft_preset():
+  """config.json of LLaDA-8B (REFERENCE §1) -> 8.02B parameters, and the same model as
+  configs/sft_llada_8b.py, so fine-tuning from a conversion passes the init_from checks."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from llada_jax.config import from_config_dict  # pylint: disable=g-import-not-at-top
+  released = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms",
+              "weight_tying": False, "include_bias": False, "d_model": 4096, "n_heads": 32, "n_kv_heads": 32,
+              "n_layers": 32, "mlp_hidden_size": 12288, "vocab_size": 126464, "embedding_size": 126464,
+              "max_sequence_length": 4096, "rope_theta": 500000.0, "rms_norm_eps": 1e-05,
+              "mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081}
+  imported = hf.model_config_from_hf(released, param_dtype="bfloat16")
+  _, abstract = model_lib.abstract_model(imported)
+  assert round(model_lib.count_params(abstract) / 1e9, 2) == 8.02
+  assert len(hf.layout(imported)) == 3 + 32 * 9
+  spec = importlib.util.spec_from_file_location("sft_llada_8b", os.path.join(REPO, "configs", "sft_llada_8b.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  preset = from_config_dict(module.get_config())
+  skip = {"remat_policy", "scan_layers", "dtype", "param_dtype", "init_std"}  # train._check_resume_config
+  for field in set(imported.__dataclass_fields__) - skip:
+    assert getattr(imported, field) == getattr(preset.model, field), field
+  assert preset.diffusion.mask_token_id == released["mask_token_id"]
