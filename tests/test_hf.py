@@ -179,7 +179,8 @@ def _cli(module, *args):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf_cli")
-  weights, config, ids = write_hf_dir(root / "LLaDA-tiny-Instruct", num_files=2)
+  # bf16 as released: fine-tuning below restores it into float32 parameters
+  weights, config, ids = write_hf_dir(root / "LLaDA-tiny-Instruct", num_files=2, dtype=ml_dtypes.bfloat16)
   r = _cli("convert", f"--hf_dir={root / 'LLaDA-tiny-Instruct'}", f"--out={root / 'work'}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "instruct (chat template)" in r.stdout

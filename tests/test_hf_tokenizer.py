@@ -13,6 +13,7 @@ import pytest
 import tokenizers
 
 from hf_fixtures import RELEASED_CHAT_TEMPLATE, write_hf_tokenizer
+from llada_jax import serving
 from llada_jax.data import hf_tokenizer, sft, tokenizer as tokenizer_lib
 
 SH, EH, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -109,6 +110,12 @@ def test_decode_round_trips_and_rejects_bad_ids(tok):
     tok.decode([5, 160])
   with pytest.raises(ValueError, match="outside"):
     tok.decode([-1])
+
+
+def test_generated_ids_past_the_vocabulary_decode_as_replacement_characters(tok):
+  ids = tok.encode("the cat") + [tok.vocab_size, tok.vocab_size + 7] + tok.encode(" sat")
+  assert serving.decode_generated(tok, ids) == "the cat\ufffd\ufffd sat"
+  assert serving.decode_generated(tok, tok.encode("plain")) == "plain"
 
 
 def test_save_dir_and_load_round_trip(hf_dir, tok, tmp_path):
