@@ -18,14 +18,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax import sharding
+from llada_jax import attention, sharding
 from llada_jax.config import ModelConfig
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the attention output (a flash kernel's is the costly one to recompute), recompute the matmuls.
+    "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "qkv_attn_out": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out"),
 }
 
 
@@ -69,8 +73,9 @@ class Block(nnx.Module):
     self.ff_down = sharding.param(_normal(rngs, cfg, (f, d)), ("mlp", "embed"))
     self.cfg = cfg
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_B11S: jax.Array | None,
-               kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BS: jax.Array | None,
+               kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0, *,
+               impl: str = "xla", right_padded: bool = False
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Returns the block output and this call's (RoPE'd) keys and values.
 
@@ -84,16 +89,17 @@ class Block(nnx.Module):
     q_BTNH = rope(jnp.einsum("btd,dnh->btnh", y_BTD, w(self.q_proj)), positions_BT, cfg.rope_theta)
     k_BTKH = rope(jnp.einsum("btd,dkh->btkh", y_BTD, w(self.k_proj)), positions_BT, cfg.rope_theta)
     v_BTKH = jnp.einsum("btd,dkh->btkh", y_BTD, w(self.v_proj))
-    q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv"))
-    # jax.nn.dot_product_attention handles GQA (N a multiple of K) and scales by 1/sqrt(head_dim);
-    # its XLA path runs the softmax in float32.
+    q_BTNH = checkpoint_name(sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv")), "query")
+    k_BTKH, v_BTKH = checkpoint_name(k_BTKH, "key"), checkpoint_name(v_BTKH, "value")
     keys, values = k_BTKH, v_BTKH
     if kv is not None:
       start = (0, kv_offset, 0, 0)
       keys = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
       values = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
-    o_BTNH = jax.nn.dot_product_attention(q_BTNH, keys, values, mask=mask_B11S,
-                                          is_causal=cfg.causal and kv is None)
+    # GQA, 1/sqrt(head_dim) and a float32 softmax on every backend; `impl` is already resolved.
+    o_BTNH = attention.attend(q_BTNH, keys, values, valid_BS=valid_BS, causal=cfg.causal and kv is None,
+                              impl=impl, right_padded=right_padded)
+    o_BTNH = checkpoint_name(o_BTNH, "attn_out")
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out))
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
 
@@ -123,13 +129,17 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                cache: tuple[jax.Array, jax.Array] | None = None, offset: jax.Array | int = 0,
-               return_cache: bool = False):
+               return_cache: bool = False, right_padded: bool = False, return_hidden: bool = False):
     """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
 
     Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
     Sampling with a KV cache: `return_cache=True` also returns every layer's keys and values,
     ([layers, B, T, K, H], [layers, B, T, K, H]); passing them back as `cache` runs only the tokens
     `tokens_BT` at positions `offset...` against that cache, with `valid_BT` covering the cached length.
+    `right_padded=True` promises every row of `valid_BT` is True on a prefix (training batches), which
+    lets `attention_impl='cudnn'` pass padding as key lengths; samplers left-pad and leave it False.
+    `return_hidden=True` returns (final normed hidden states [B, T, D], output head [D, V]) instead of
+    logits, for a loss that applies the head in chunks (`diffusion.chunked_scores`).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -138,13 +148,15 @@ class Transformer(nnx.Module):
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dt)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
     positions_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_B11S = None if valid_BT is None else valid_BT[:, None, None, :].astype(bool)
+    valid_BS = None if valid_BT is None else valid_BT.astype(bool)
+    impl = attention.resolve(cfg.attention_impl, dtype=dt, head_dim=cfg.head_dim)
 
     block_def, block_state = nnx.split(self.blocks)
 
     def layer(x, xs):
       layer_state, kv = xs
-      x, fresh_kv = nnx.merge(block_def, layer_state)(x, positions_BT, mask_B11S, kv, offset)
+      block = nnx.merge(block_def, layer_state)
+      x, fresh_kv = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded)
       return x, (fresh_kv if return_cache else None)
 
     if cfg.remat_policy != "none":
@@ -159,6 +171,8 @@ class Transformer(nnx.Module):
       kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
 
     x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
+    if return_hidden:
+      return x_BTD, self.lm_head[...]
     logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dt))
     logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
     return (logits_BTV, kv_out) if return_cache else logits_BTV
@@ -176,9 +190,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
-          valid_BT: jax.Array | None = None, **kv_cache_args: Any) -> Any:
+          valid_BT: jax.Array | None = None, *, right_padded: bool = False, **kv_cache_args: Any) -> Any:
   """Functional forward pass over a pure-dict parameter tree (see `Transformer.__call__`)."""
-  return nnx.merge(graphdef, params)(tokens_BT, valid_BT, **kv_cache_args)
+  return nnx.merge(graphdef, params)(tokens_BT, valid_BT, right_padded=right_padded, **kv_cache_args)
 
 
 def count_params(params: Any) -> int:
