@@ -27,7 +27,12 @@ def base() -> ml_collections.ConfigDict:
   m.init_std = 0.02          # std of the normal initialiser of every matrix
   m.causal = False           # True: autoregressive baseline (causal mask); needs diffusion.objective='ar'
   m.scan_layers = True       # lax.scan over stacked layers (fast compiles) vs an unrolled Python loop
-  m.remat_policy = "none"    # activation rematerialisation: none | full | dots | dots_no_batch
+  m.remat_policy = "none"    # per-layer rematerialisation: none | full | dots | dots_no_batch | attn_out
+                             # (keep attention outputs) | qkv_attn_out (also q, k, v)
+  m.attention_impl = "xla"   # xla (everywhere) | cudnn (NVIDIA flash attention) | splash (TPU Pallas)
+                             # | auto (the best this backend has)
+  m.loss_chunk_size = 0      # >0: output head + cross-entropy in sequence chunks of this many tokens,
+                             # so the [B, L, vocab] float32 logits never exist at once (training)
   m.dtype = "bfloat16"       # compute dtype (softmax, norms, RoPE and losses always run in float32)
   m.param_dtype = "float32"  # parameter and optimizer-state dtype
 
@@ -50,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
   o.b2 = 0.95                # Adam beta2
   o.adam_eps = 1e-8          # Adam epsilon
   o.grad_clip_norm = 1.0     # global-norm clipping threshold; 0 disables clipping
+  o.mu_dtype = ""            # Adam first-moment dtype ("" = parameter dtype; "bfloat16" halves it)
 
   c.data = da = ml_collections.ConfigDict()
   da.source = "procedural"   # procedural | text | jsonl | array_record | tfds (SFT: procedural | jsonl)

@@ -13,7 +13,8 @@ import json
 from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 OBJECTIVES = ("pretrain", "sft", "ar")
 SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
 RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
@@ -62,6 +63,8 @@ class ModelConfig:
   causal: bool = False
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"
+  loss_chunk_size: int = 0
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
 
@@ -80,6 +83,8 @@ class ModelConfig:
     _check_float(s, "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
     _check_float(s, "init_std", self.init_std, 0.0, 1.0, lo_open=True)
     _check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_int(s, "loss_chunk_size", self.loss_chunk_size, 0)
     _check_choice(s, "dtype", self.dtype, _DTYPES)
     _check_choice(s, "param_dtype", self.param_dtype, _DTYPES)
     for name in ("causal", "scan_layers"):
@@ -129,6 +134,7 @@ class OptimConfig:
   b2: float = 0.95
   adam_eps: float = 1e-8
   grad_clip_norm: float = 1.0
+  mu_dtype: str = ""
 
   def __post_init__(self):
     s = "optim"
@@ -137,6 +143,8 @@ class OptimConfig:
       _check_int(s, name, getattr(self, name), 0)
     for name in ("stage2_lr_ratio", "final_lr_ratio"):
       _check_float(s, name, getattr(self, name), 0.0, 1.0)
+    if self.mu_dtype not in ("",) + _DTYPES:
+      _fail(f"{s}.mu_dtype", f"'' (the parameter dtype) or one of {_DTYPES}", self.mu_dtype)
     _check_float(s, "weight_decay", self.weight_decay, 0.0, 10.0)
     for name in ("b1", "b2"):
       _check_float(s, name, getattr(self, name), 0.0, 1.0)

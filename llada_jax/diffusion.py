@@ -1,8 +1,11 @@
 """Masking and losses of masked diffusion (REFERENCE §2-3) and the autoregressive baseline.
 
-Pure functions of arrays: no Flax, no model. A loss takes logits (or an objective takes a
-`logits_fn(tokens_BL, valid_BL) -> logits_BLV`), so everything here can be checked with hand-made numbers.
-Every loss returns a `LossOutput`; every loss is in nats and computed in float32.
+Pure functions of arrays: no Flax, no model. A loss takes logits (or per-token `TokenScores`); an
+objective takes a `score_fn(inputs_BL, valid_BL, targets_BL) -> TokenScores`, built from a model's
+`logits_fn` by `from_logits`, or from its final hidden states and output head by `chunked_scores`, which
+never materialises the [B, L, V] float32 logits (a 126k vocabulary makes them the largest activation).
+So everything here can be checked with hand-made numbers. Every loss returns a `LossOutput`; every loss
+is in nats and computed in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ import jax
 import jax.numpy as jnp
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class TokenScores(NamedTuple):
+  nll_BL: jax.Array           # float32 -log p(target) at every position
+  correct_BL: jax.Array       # bool: the argmax prediction is the target
+
+
+ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], TokenScores]  # (inputs_BL, valid_BL, targets_BL)
 
 
 class NoisyBatch(NamedTuple):
@@ -67,15 +78,50 @@ def random_length_crop(rng: jax.Array, *, valid_BL: jax.Array, prob: float) -> j
   return valid_BL.astype(bool) & keep_L[None, :]
 
 
-def _token_nll(logits_BLV: jax.Array, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _token_nll(logits_BLV: jax.Array, tokens_BL: jax.Array) -> TokenScores:
   """Per-position cross-entropy -log p(token) in float32, and whether the argmax is right."""
   logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
   nll_BL = -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
-  return nll_BL, jnp.argmax(logits_BLV, axis=-1) == tokens_BL
+  return TokenScores(nll_BL, jnp.argmax(logits_BLV, axis=-1) == tokens_BL)
 
 
-def pretrain_loss(*, logits_BLV: jax.Array, tokens_BL: jax.Array, is_masked_BL: jax.Array,
-                  p_mask_B: jax.Array, valid_BL: jax.Array | None = None) -> LossOutput:
+def from_logits(logits_fn: LogitsFn) -> ScoreFn:
+  """The `ScoreFn` of a model that returns full logits."""
+  return lambda inputs_BL, valid_BL, targets_BL: _token_nll(logits_fn(inputs_BL, valid_BL), targets_BL)
+
+
+def chunked_scores(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, *,
+                   chunk_size: int) -> TokenScores:
+  """Output head + cross-entropy, `chunk_size` positions at a time.
+
+  `x_BLD` are the final (normed) hidden states and `head_DV` the output projection; logits of a chunk are
+  `x @ head` in x's dtype, then float32, exactly as the model's own head computes them. Each chunk is
+  rematerialised in the backward pass, so at most a [B, chunk_size, V] float32 block of logits is alive,
+  instead of [B, L, V] (B=8, L=4096, V=126464: 16.6 GB). L need not divide: the tail chunk is padded.
+  Example: L = 5, chunk_size = 2 -> three chunks of 2 (the last one half padding); scores of the
+  padding are dropped, and the result equals `_token_nll(x @ head, targets)`.
+  """
+  B, L, D = x_BLD.shape
+  n = -(-L // chunk_size)
+  pad = n * chunk_size - L
+  x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+  targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+  x_NBCD = x_BLD.reshape(B, n, chunk_size, D).swapaxes(0, 1)
+  t_NBC = targets_BL.reshape(B, n, chunk_size).swapaxes(0, 1)
+
+  @jax.checkpoint  # keep only the chunk's inputs for the backward pass, not its logits
+  def one_chunk(x_BCD, t_BC):
+    logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype)).astype(jnp.float32)
+    return _token_nll(logits_BCV, t_BC)
+
+  nll_NBC, correct_NBC = jax.lax.map(lambda a: one_chunk(*a), (x_NBCD, t_NBC))
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :L]
+  return TokenScores(unchunk(nll_NBC), unchunk(correct_NBC))
+
+
+def pretrain_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array, is_masked_BL: jax.Array,
+                  p_mask_B: jax.Array, valid_BL: jax.Array | None = None,
+                  scores: TokenScores | None = None) -> LossOutput:
   """Pre-training bound: sum over masked positions of CE / p, divided by the number of valid positions.
 
   The paper's Eq. 3, -E_t[(1/t) sum_i 1[x_t^i = M] log p(x_0^i | x_t)] / L, estimated per batch and
@@ -83,9 +129,10 @@ def pretrain_loss(*, logits_BLV: jax.Array, tokens_BL: jax.Array, is_masked_BL: 
   divides by B * cropped length, as the release does.
 
   Example: B = 1, L = 2, p = 0.5, only position 0 masked with CE 0.7: loss = (0.7 / 0.5) / 2 = 0.7.
+  `scores` (per-token CE already computed, e.g. by `chunked_scores`) replaces `logits_BLV`.
   """
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
-  nll_BL, correct_BL = _token_nll(logits_BLV, tokens_BL)
+  nll_BL, correct_BL = scores if scores is not None else _token_nll(logits_BLV, tokens_BL)
   counted_BL = is_masked_BL & valid_BL
   weighted = jnp.where(counted_BL, nll_BL / p_mask_B[:, None], 0.0)
   loss = weighted.sum() / jnp.maximum(valid_BL.sum(), 1)
@@ -97,8 +144,9 @@ def response_mask(*, prompt_len_B: jax.Array, length: int) -> jax.Array:
   return jnp.arange(length)[None, :] >= prompt_len_B[:, None]
 
 
-def sft_loss(*, logits_BLV: jax.Array, tokens_BL: jax.Array, is_masked_BL: jax.Array,
-             p_mask_B: jax.Array, prompt_len_B: jax.Array, valid_BL: jax.Array | None = None) -> LossOutput:
+def sft_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array, is_masked_BL: jax.Array,
+             p_mask_B: jax.Array, prompt_len_B: jax.Array, valid_BL: jax.Array | None = None,
+             scores: TokenScores | None = None) -> LossOutput:
   """SFT bound (paper Eq. 5): per row, sum of masked CE / p over the response, divided by the row's
   response length (EOS padding included: it is part of the response), then averaged over rows.
 
@@ -109,28 +157,32 @@ def sft_loss(*, logits_BLV: jax.Array, tokens_BL: jax.Array, is_masked_BL: jax.A
   resp_BL = response_mask(prompt_len_B=prompt_len_B, length=L)
   if valid_BL is not None:
     resp_BL &= valid_BL.astype(bool)
-  nll_BL, correct_BL = _token_nll(logits_BLV, tokens_BL)
+  nll_BL, correct_BL = scores if scores is not None else _token_nll(logits_BLV, tokens_BL)
   counted_BL = is_masked_BL & resp_BL
   per_row_B = jnp.where(counted_BL, nll_BL / p_mask_B[:, None], 0.0).sum(axis=1)
   loss = (per_row_B / jnp.maximum(resp_BL.sum(axis=1), 1)).sum() / B
   return LossOutput(loss, counted_BL.sum(), (correct_BL & counted_BL).sum())
 
 
-def next_token_loss(*, logits_BLV: jax.Array, tokens_BL: jax.Array,
-                    valid_BL: jax.Array | None = None) -> LossOutput:
+def next_token_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array,
+                    valid_BL: jax.Array | None = None, scores: TokenScores | None = None) -> LossOutput:
   """Autoregressive baseline: mean over valid targets of -log p(x_{i+1} | x_{<=i}).
 
   Position i's logits predict token i+1; the last position predicts nothing. Example: tokens [[a, b, c]]
   gives two targets (b from position 0, c from position 1); with CEs 0.3 and 0.5 the loss is 0.4.
+  `scores` are per position against the *next* token (the last position's is ignored).
   """
-  nll_BL, correct_BL = _token_nll(logits_BLV[:, :-1], tokens_BL[:, 1:])
+  if scores is not None:
+    nll_BL, correct_BL = scores.nll_BL[:, :-1], scores.correct_BL[:, :-1]
+  else:
+    nll_BL, correct_BL = _token_nll(logits_BLV[:, :-1], tokens_BL[:, 1:])
   targets_BL = jnp.ones(nll_BL.shape, bool) if valid_BL is None else valid_BL[:, 1:].astype(bool)
   n = targets_BL.sum()
   loss = jnp.where(targets_BL, nll_BL, 0.0).sum() / jnp.maximum(n, 1)
   return LossOutput(loss, n, (correct_BL & targets_BL).sum())
 
 
-def pretrain_objective(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Array, mask_id: int,
+def pretrain_objective(score_fn: ScoreFn, rng: jax.Array, *, tokens_BL: jax.Array, mask_id: int,
                        eps: float = 1e-3, random_length_prob: float = 0.01,
                        valid_BL: jax.Array | None = None) -> LossOutput:
   """Random-length crop, forward process, model, `pretrain_loss`: one Monte Carlo draw of the bound."""
@@ -138,28 +190,30 @@ def pretrain_objective(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Ar
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
   valid_BL = random_length_crop(rng_crop, valid_BL=valid_BL, prob=random_length_prob)
   noisy = forward_process(rng_mask, tokens_BL=tokens_BL, mask_id=mask_id, eps=eps, maskable_BL=valid_BL)
-  logits_BLV = logits_fn(noisy.noisy_tokens_BL, valid_BL)
-  return pretrain_loss(logits_BLV=logits_BLV, tokens_BL=tokens_BL, is_masked_BL=noisy.is_masked_BL,
+  scores = score_fn(noisy.noisy_tokens_BL, valid_BL, tokens_BL)
+  return pretrain_loss(scores=scores, tokens_BL=tokens_BL, is_masked_BL=noisy.is_masked_BL,
                        p_mask_B=noisy.p_mask_B, valid_BL=valid_BL)
 
 
-def sft_objective(logits_fn: LogitsFn, rng: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
+def sft_objective(score_fn: ScoreFn, rng: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
                   mask_id: int, eps: float = 1e-3, valid_BL: jax.Array | None = None) -> LossOutput:
   """Forward process on the response only (the prompt is restored), model, `sft_loss`."""
   L = tokens_BL.shape[1]
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
   maskable_BL = response_mask(prompt_len_B=prompt_len_B, length=L) & valid_BL
   noisy = forward_process(rng, tokens_BL=tokens_BL, mask_id=mask_id, eps=eps, maskable_BL=maskable_BL)
-  logits_BLV = logits_fn(noisy.noisy_tokens_BL, valid_BL)
-  return sft_loss(logits_BLV=logits_BLV, tokens_BL=tokens_BL, is_masked_BL=noisy.is_masked_BL,
+  scores = score_fn(noisy.noisy_tokens_BL, valid_BL, tokens_BL)
+  return sft_loss(scores=scores, tokens_BL=tokens_BL, is_masked_BL=noisy.is_masked_BL,
                   p_mask_B=noisy.p_mask_B, prompt_len_B=prompt_len_B, valid_BL=valid_BL)
 
 
-def ar_objective(logits_fn: LogitsFn, *, tokens_BL: jax.Array,
+def ar_objective(score_fn: ScoreFn, *, tokens_BL: jax.Array,
                  valid_BL: jax.Array | None = None) -> LossOutput:
-  """Clean tokens through a causal model, `next_token_loss`."""
+  """Clean tokens through a causal model, `next_token_loss` (position i scored against token i + 1)."""
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
-  return next_token_loss(logits_BLV=logits_fn(tokens_BL, valid_BL), tokens_BL=tokens_BL, valid_BL=valid_BL)
+  next_BL = jnp.concatenate([tokens_BL[:, 1:], tokens_BL[:, :1]], axis=1)  # the last column is ignored
+  return next_token_loss(scores=score_fn(tokens_BL, valid_BL, next_BL), tokens_BL=tokens_BL,
+                         valid_BL=valid_BL)
 
 
 # --- Likelihood estimators (REFERENCE §5) --------------------------------------------------------------

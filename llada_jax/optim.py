@@ -46,7 +46,8 @@ def decay_mask(params, patterns: tuple[str, ...]):
 
 def make_optimizer(cfg: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = wsd_schedule(cfg, num_steps)
+  # mu_dtype: a bfloat16 first moment saves 2 bytes/param; the second moment keeps the parameter dtype.
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                      mask=lambda p: decay_mask(p, cfg.no_decay_patterns))
+                      mask=lambda p: decay_mask(p, cfg.no_decay_patterns), mu_dtype=cfg.mu_dtype or None)
   parts = ([optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []) + [adamw]
   return optax.chain(*parts), schedule

@@ -51,18 +51,35 @@ class Setup:
   eval_step: Callable[..., dict]   # (params, batch, rng) -> {'loss', 'masked_accuracy'}
 
 
+def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
+  """Per-token CE of the model on training batches (right-padded: packing, SFT pads and the
+  random-length crop all keep each row's valid tokens a prefix), with the output head chunked over the
+  sequence when `model.loss_chunk_size` > 0."""
+  chunk = config.model.loss_chunk_size
+  if not chunk:
+    return diffusion.from_logits(
+        lambda tokens_BL, valid_BL: model_lib.apply(graphdef, params, tokens_BL, valid_BL, right_padded=True))
+
+  def score_fn(tokens_BL, valid_BL, targets_BL):
+    x_BLD, head_DV = model_lib.apply(graphdef, params, tokens_BL, valid_BL, right_padded=True,
+                                     return_hidden=True)
+    return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)
+
+  return score_fn
+
+
 def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, diffusion.LossOutput]:
   d = config.diffusion
-  logits_fn = lambda tokens_BL, valid_BL: model_lib.apply(graphdef, params, tokens_BL, valid_BL)
+  score_fn = _score_fn(config, graphdef, params)
   tokens_BL = batch["tokens"]
   if d.objective == "pretrain":
-    out = diffusion.pretrain_objective(logits_fn, rng, tokens_BL=tokens_BL, mask_id=d.mask_token_id,
+    out = diffusion.pretrain_objective(score_fn, rng, tokens_BL=tokens_BL, mask_id=d.mask_token_id,
                                        eps=d.noise_eps, random_length_prob=d.random_length_prob)
   elif d.objective == "sft":
-    out = diffusion.sft_objective(logits_fn, rng, tokens_BL=tokens_BL, prompt_len_B=batch["prompt_len"],
+    out = diffusion.sft_objective(score_fn, rng, tokens_BL=tokens_BL, prompt_len_B=batch["prompt_len"],
                                   mask_id=d.mask_token_id, eps=d.noise_eps, valid_BL=batch["valid"])
   else:
-    out = diffusion.ar_objective(logits_fn, tokens_BL=tokens_BL)
+    out = diffusion.ar_objective(score_fn, tokens_BL=tokens_BL)
   return out.loss, out
 
 
@@ -216,7 +233,8 @@ def _check_resume_config(config: Config, saved: dict, where: str) -> None:
   for section in ("model",):
     for key, value in saved.get(section, {}).items():
       now = getattr(getattr(config, section), key)
-      if key in ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std"):
+      if key in ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std", "attention_impl",
+                 "loss_chunk_size"):
         continue  # execution choices (restores cast to param_dtype): a run may resume with different ones
       if (list(now) if isinstance(now, tuple) else now) != value:
         raise ValueError(f"config field '{section}.{key}'={now!r} differs from {value!r} in the checkpoint "

@@ -111,7 +111,8 @@ def _sft_draws(keys, prompt_len, eps):
       shown.append((noisy, valid))
       return jnp.zeros(noisy.shape + (OV,), jnp.float32)
 
-    out = diffusion.sft_objective(logits_fn, key, tokens_BL=OTOKENS, prompt_len_B=prompt_len, mask_id=MASK,
+    out = diffusion.sft_objective(diffusion.from_logits(logits_fn),
+                                  key, tokens_BL=OTOKENS, prompt_len_B=prompt_len, mask_id=MASK,
                                   eps=eps)
     return out, shown[0]
 
@@ -251,7 +252,7 @@ def test_ar_objective_feeds_clean_tokens():
     seen.append(np.asarray(tokens))
     return jnp.asarray(LOGITS)
 
-  out = diffusion.ar_objective(logits_fn, tokens_BL=jnp.asarray(TOKENS))
+  out = diffusion.ar_objective(diffusion.from_logits(logits_fn), tokens_BL=jnp.asarray(TOKENS))
   np.testing.assert_array_equal(seen[0], TOKENS)
   assert float(out.loss) == pytest.approx(_np_ce(LOGITS[:, :-1], TOKENS[:, 1:]).mean(), rel=1e-5)
 
@@ -320,7 +321,8 @@ def _pretrain_draws(keys, scale, eps, prob):
       shown.append((noisy, valid))
       return scale * jax.nn.one_hot(OTOKENS, OV, dtype=jnp.float32)
 
-    out = diffusion.pretrain_objective(logits_fn, key, tokens_BL=OTOKENS, mask_id=MASK, eps=eps,
+    out = diffusion.pretrain_objective(diffusion.from_logits(logits_fn),
+                                       key, tokens_BL=OTOKENS, mask_id=MASK, eps=eps,
                                        random_length_prob=prob)
     return out, shown[0]
 

@@ -236,7 +236,8 @@ def _loss_and_grad(cfg):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@pytest.mark.parametrize("policy,scan", [("full", True), ("dots", True), ("full", False)])
+@pytest.mark.parametrize("policy,scan", [("full", True), ("dots", True), ("full", False),
+                                         ("dots_no_batch", True), ("attn_out", True), ("qkv_attn_out", False)])
 def test_remat_policies_do_not_change_values_or_gradients(policy, scan):
   """Rematerialisation only trades memory for compute: same logits, loss and gradients as 'none'.
 

@@ -294,7 +294,8 @@ def test_sft_loss_on_a_real_batch(tok):
     calls.append((np.asarray(noisy_BL), np.asarray(valid_BL)))
     return logits
 
-  out = diffusion.sft_objective(logits_fn, jax.random.key(1), tokens_BL=tokens, prompt_len_B=plen,
+  out = diffusion.sft_objective(diffusion.from_logits(logits_fn),
+                                jax.random.key(1), tokens_BL=tokens, prompt_len_B=plen,
                                 mask_id=tok.mask_id, eps=1.0, valid_BL=valid)
   noisy, seen_valid = calls[0]
   pos = np.arange(L)[None, :]
@@ -308,14 +309,16 @@ def test_sft_loss_on_a_real_batch(tok):
   assert int(out.num_masked) == resp.sum()
 
   # Uniform logits: every counted position costs log V whatever the row's response length.
-  out = diffusion.sft_objective(lambda x, v: jnp.zeros((B, L, V)), jax.random.key(2), tokens_BL=tokens,
+  out = diffusion.sft_objective(diffusion.from_logits(lambda x, v: jnp.zeros((B, L, V))),
+                                jax.random.key(2), tokens_BL=tokens,
                                 prompt_len_B=plen, mask_id=tok.mask_id, eps=1.0, valid_BL=valid)
   np.testing.assert_allclose(float(out.loss), math.log(V), rtol=1e-5)
 
   # Random masking: prompt positions stay clean in every draw.
   for seed in range(5):
     calls.clear()
-    diffusion.sft_objective(logits_fn, jax.random.key(seed), tokens_BL=tokens, prompt_len_B=plen,
+    diffusion.sft_objective(diffusion.from_logits(logits_fn),
+                            jax.random.key(seed), tokens_BL=tokens, prompt_len_B=plen,
                             mask_id=tok.mask_id, valid_BL=valid)
     noisy = calls[0][0]
     assert not np.any((noisy == tok.mask_id) & ~resp)
