@@ -1,0 +1,173 @@
+"""Train-step speed: step time, tokens/s, model TFLOP/s, MFU and peak memory of the real jitted step.
+
+  python benchmarks/train_step.py --config=configs/tiny.py --steps=2 --warmup=1       # CPU smoke
+  python benchmarks/train_step.py --config=configs/default.py:llada_1b \\
+      --config.train.batch_size=8 --config.train.seq_len=4096 --config.model.remat_policy=full   # GPU
+
+Builds `llada_jax.train.setup(config)` on the configured mesh, initialises the state from the run's
+root key and feeds the same random batch (the fields the configured loss reads; no data pipeline, no
+tokenizer) to `Setup.step`: `--warmup` steps, then `--steps` timed ones, each waited for. Step time is
+the median of the timed steps; compile time is the first call's wall time less one median step.
+
+Model FLOPs (`llada_jax.metrics.train_flops_per_token`), per trained token:
+  3 * (2 * matmul_params + 4 * num_layers * seq_len * num_heads * head_dim)
+i.e. forward + backward = 3x forward, every projection / SwiGLU / output-head weight once, and the full
+L^2 bidirectional attention. Recomputation by remat is not counted: these are model FLOPs, not hardware
+FLOPs, so MFU does not rise when a policy recomputes more. MFU is given against the device's spec-sheet
+bf16 peak and, with `--measure_matmul`, against the rate a chain of large bf16 matmuls reaches on it.
+"""
+
+import datetime
+import functools
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from llada_jax import config as config_lib, metrics, sharding, train
+from llada_jax.cli import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :VARIANT).", lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).", lower_bound=1)
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s (default: the spec-sheet table).")
+_MATMUL = flags.DEFINE_bool("measure_matmul", None, "Time a chain of bf16 matmuls for the achievable "
+                            "TFLOP/s (default: on GPU/TPU, not on CPU).")
+_MATMUL_N = flags.DEFINE_integer("matmul_size", 8192, "Square matmul size for --measure_matmul.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Fake this many CPU devices (planning).")
+_JSON = flags.DEFINE_string("json", None, "Also write the row (and the header facts) to this JSON file.")
+
+FORMULA = "3 * (2 * matmul_params + 4 * layers * seq_len * heads * head_dim); remat recompute not counted"
+
+
+def _git_revision() -> str:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, check=True).stdout
+    dirty = "+dirty" if git("status", "--porcelain", "-uno") else ""  # tracked files differ from HEAD
+    return git("rev-parse", "--short", "HEAD").strip() + dirty
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def matmul_tflops(n: int, chain: int = 8, repeats: int = 5) -> float:
+  """Achievable dense bf16 TFLOP/s of one device: best of `repeats` runs of `chain` n^3 matmuls."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(k1, (n, n), jnp.bfloat16)
+  w = (jax.random.normal(k2, (n, n)) * n ** -0.5).astype(jnp.bfloat16)  # keeps |x| ~ 1 along the chain
+  f = jax.jit(lambda x, w: functools.reduce(lambda y, _: y @ w, range(chain), x))
+  jax.block_until_ready(f(x, w))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x, w))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 * chain / best / 1e12
+
+
+def random_batch(config: config_lib.Config, rows: int) -> dict[str, np.ndarray]:
+  """Random tokens (never the mask id) with the fields `train.batch_fields` names."""
+  rng = np.random.default_rng(0)
+  vocab, mask_id, seq = config.model.vocab_size, config.diffusion.mask_token_id, config.train.seq_len
+  tokens = rng.integers(0, vocab - 1, (rows, seq)).astype(np.int32)
+  tokens += tokens >= mask_id  # skip the mask id, stay below vocab
+  batch = {"tokens": tokens}
+  if "prompt_len" in train.batch_fields(config):
+    batch["prompt_len"] = rng.integers(1, seq // 2 + 1, rows).astype(np.int32)
+    batch["valid"] = np.ones((rows, seq), bool)
+  return batch
+
+
+def _peak_memory() -> tuple[float, float] | None:
+  """(peak bytes in use, bytes limit) of the worst local device, or None where JAX keeps no stats."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if not all(s and "peak_bytes_in_use" in s for s in stats):
+    return None
+  worst = max(stats, key=lambda s: s["peak_bytes_in_use"])
+  return worst["peak_bytes_in_use"], worst.get("bytes_limit", 0)
+
+
+def main(argv):
+  del argv
+  if _NUM_DEVICES.value:
+    common.fake_cpu_devices(_NUM_DEVICES.value)
+  config = config_lib.from_config_dict(_CONFIG.value)
+  m, t = config.model, config.train
+  device, n_dev = jax.devices()[0], jax.device_count()
+  rev, today = _git_revision(), datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+  print(f"rev {rev}, {today}, jax {jax.__version__}, "
+        f"{n_dev} x {device.device_kind} ({device.platform})", flush=True)
+  measure = _MATMUL.value if _MATMUL.value is not None else device.platform != "cpu"
+  measured = matmul_tflops(_MATMUL_N.value) if measure else None
+  if measured:
+    print(f"measured bf16 matmul ({_MATMUL_N.value}^3 x 8, jit): {measured:.4g} TFLOP/s per device",
+          flush=True)
+  peak = _PEAK.value * 1e12 if _PEAK.value else metrics.peak_flops_per_device(device)
+
+  s = train.setup(config)
+  state = s.init(train.root_key(config))
+  num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+  batch = train.global_batch(s, random_batch(config, t.batch_size // jax.process_count()))
+  times = []
+  with sharding.use_rules(config.mesh, s.mesh):
+    for _ in range(_WARMUP.value + _STEPS.value):
+      t0 = time.perf_counter()
+      state, out = jax.block_until_ready(s.step(state, batch))
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times[_WARMUP.value:])
+  compile_s = times[0] - step_s  # the first call compiles, then runs one step
+  loss = float(out["loss"])
+
+  tokens = t.batch_size * t.seq_len
+  flops_per_token = metrics.train_flops_per_token(m, t.seq_len)
+  tflops_dev = flops_per_token * tokens / step_s / n_dev / 1e12
+  mem = _peak_memory()
+  row = {
+      "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+      "overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
+      "mesh": "x".join(str(v) for v in s.mesh.shape.values()), "batch": t.batch_size, "seq_len": t.seq_len,
+      "params": num_params, "dtype": m.dtype, "param_dtype": m.param_dtype, "mu_dtype": config.optim.mu_dtype,
+      "remat_policy": m.remat_policy, "attention_impl": m.attention_impl,
+      "loss_chunk_size": m.loss_chunk_size, "step_s": step_s, "compile_s": compile_s,
+      "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n_dev,
+      "tflops_per_device": tflops_dev, "mfu": tflops_dev * 1e12 / peak if peak else None,
+      "measured_matmul_tflops": measured, "mfu_vs_measured": tflops_dev / measured if measured else None,
+      "peak_bytes": mem[0] if mem else None, "bytes_limit": mem[1] if mem else None, "loss": loss,
+      "rev": rev, "date": today, "jax": jax.__version__,
+      "device_kind": device.device_kind, "num_devices": n_dev, "flops_per_token": flops_per_token,
+      "flops_formula": FORMULA,
+  }
+  pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"
+  mem_s = f"{mem[0] / 2**30:.1f}/{mem[1] / 2**30:.0f}" if mem else "n/a"  # n/a: CPU keeps no stats
+  peak_s = f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (unknown device; --peak_tflops)"
+  print(f"model FLOPs/token = {FORMULA}: {flops_per_token / 1e9:.4g} GFLOP at seq {t.seq_len}; "
+        f"peak {peak_s}", flush=True)
+  cols = ["config", "mesh (data,fsdp,tensor)", "batch", "seq", "dtype/param[/mu]", "remat", "attn",
+          "loss chunk", "params", "step ms", "compile s", "tokens/s", "tokens/s/dev", "TFLOP/s/dev", "MFU",
+          "MFU vs matmul", "peak GiB/limit"]
+  dtypes = f"{m.dtype}/{m.param_dtype}" + (f"/{config.optim.mu_dtype}" if config.optim.mu_dtype else "")
+  params_s = f"{num_params / 1e9:.3f}B" if num_params >= 1e8 else f"{num_params / 1e6:.3f}M"
+  vals = [row["config"] + "".join(f" {k}={v}" for k, v in row["overrides"].items()), row["mesh"],
+          t.batch_size, t.seq_len, dtypes, m.remat_policy, m.attention_impl, m.loss_chunk_size, params_s,
+          f"{step_s * 1e3:.1f}", f"{compile_s:.1f}",
+          f"{tokens / step_s:.1f}", f"{tokens / step_s / n_dev:.1f}", f"{tflops_dev:.3f}", pct(row["mfu"]),
+          pct(row["mfu_vs_measured"]), mem_s]
+  print("| " + " | ".join(cols) + " |")
+  print("|" + "|".join("---" for _ in cols) + "|")
+  print("| " + " | ".join(map(str, vals)) + " |", flush=True)
+  print(f"last loss {loss:.4f}")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(row, f, indent=1)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
