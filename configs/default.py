@@ -142,7 +142,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     big = variant == "llada_8b"
     c.model.update(vocab_size=126464, d_model=4096 if big else 2048, num_layers=32 if big else 22,
                    num_heads=32, num_kv_heads=32 if big else 4, mlp_dim=12288 if big else 5634,
-                   remat_policy="full")
+                   remat_policy="full", attention_impl="auto", loss_chunk_size=1024)
     c.diffusion.mask_token_id = 126336
     c.data.tokenizer_vocab_size = 32000
     c.train.update(batch_size=1280, seq_len=4096, num_steps=500000, checkpoint_every=1000)
