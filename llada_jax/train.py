@@ -229,13 +229,18 @@ def _check_tokenizer(config: Config, tok) -> None:
                      f"match the tokenizer's mask id {tok.mask_id}")
 
 
+# Model fields that change how a step runs, not what the parameters are: a run may resume or fine-tune
+# with other values (restores cast to the new param_dtype; init_std only shapes a fresh init).
+EXECUTION_FIELDS = ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std", "attention_impl",
+                    "loss_chunk_size")
+
+
 def _check_resume_config(config: Config, saved: dict, where: str) -> None:
   for section in ("model",):
     for key, value in saved.get(section, {}).items():
       now = getattr(getattr(config, section), key)
-      if key in ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std", "attention_impl",
-                 "loss_chunk_size"):
-        continue  # execution choices (restores cast to param_dtype): a run may resume with different ones
+      if key in EXECUTION_FIELDS:
+        continue
       if (list(now) if isinstance(now, tuple) else now) != value:
         raise ValueError(f"config field '{section}.{key}'={now!r} differs from {value!r} in the checkpoint "
                          f"at {where}; use a new --workdir or the checkpoint's value")
