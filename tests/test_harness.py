@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402  (the [test] extra brings it: a missing package fails, it never skips)
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 

@@ -184,7 +184,7 @@ _TFDS_DOCS = [f"document {i} ü" for i in range(7)]
 
 @pytest.fixture(scope="module")
 def tfds_builder_cls():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (an install requirement)
 
   class LladaSourcesTinyText(tfds.core.GeneratorBasedBuilder):
     """Registered as 'llada_sources_tiny_text' by defining it (once per test session)."""
