@@ -8,7 +8,8 @@ Random weights of the configured shape (no checkpoint needed). Modes: plain (the
 `steps = gen_length`), +threshold (Fast-dLLM tau=0.9), +prefix cache, +dual cache (both with the
 threshold off, so steps are fixed and ms/step compares like with like). Beside each row: the
 weight-streaming floor (parameter bytes / memory bandwidth, one read of the weights per step) and the
-compute floor (model FLOPs of one step / peak FLOP/s) when the device is known.
+compute floor (model FLOPs of one step / peak FLOP/s). On a GPU/TPU both ceilings are measured first
+(benchmarks/ceilings.py: copy bandwidth, bf16 matmul rate); elsewhere the spec sheet's, if known.
 """
 
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import ceilings  # benchmarks/ceilings.py (the script's folder is on sys.path)
 from llada_jax import config as config_lib, metrics, model, sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
@@ -54,6 +56,9 @@ def main(argv):
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   bandwidth, peak = _lookup(BANDWIDTH, device), metrics.peak_flops_per_device(device)
+  if device.platform != "cpu":
+    bandwidth, peak = ceilings.copy_bandwidth_gbs() * 1e9, ceilings.matmul_tflops() * 1e12
+    print(f"measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
   print(f"device {device.device_kind}; model {model.count_params(params) / 1e6:.3f}M params, "
         f"{weight_bytes / 2**30:.2f} GiB; prompt {_PROMPT.value}, block {_BLOCK.value}")
   print(f"| {'mode':<9} | {'batch':>5} | {'gen':>5} | {'steps':>5} | {'ms/step':>9} | {'tokens/s':>9} | "

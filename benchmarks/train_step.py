@@ -14,11 +14,11 @@ Model FLOPs (`llada_jax.metrics.train_flops_per_token`), per trained token:
 i.e. forward + backward = 3x forward, every projection / SwiGLU / output-head weight once, and the full
 L^2 bidirectional attention. Recomputation by remat is not counted: these are model FLOPs, not hardware
 FLOPs, so MFU does not rise when a policy recomputes more. MFU is given against the device's spec-sheet
-bf16 peak and, with `--measure_matmul`, against the rate a chain of large bf16 matmuls reaches on it.
+bf16 peak and, with `--measure_ceilings`, against the rate a chain of large bf16 matmuls reaches on it
+(benchmarks/ceilings.py, which also measures the device's copy bandwidth; both are printed and saved).
 """
 
 import datetime
-import functools
 import json
 import os
 import statistics
@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import ceilings  # benchmarks/ceilings.py (the script's folder is on sys.path)
 from llada_jax import config as config_lib, metrics, sharding, train
 from llada_jax.cli import common
 
@@ -38,9 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :VA
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).", lower_bound=1)
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s (default: the spec-sheet table).")
-_MATMUL = flags.DEFINE_bool("measure_matmul", None, "Time a chain of bf16 matmuls for the achievable "
-                            "TFLOP/s (default: on GPU/TPU, not on CPU).")
-_MATMUL_N = flags.DEFINE_integer("matmul_size", 8192, "Square matmul size for --measure_matmul.")
+_CEILINGS = flags.DEFINE_bool("measure_ceilings", None, "Measure the achievable bf16 matmul TFLOP/s and "
+                              "copy bandwidth first (default: on GPU/TPU, not on CPU).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Fake this many CPU devices (planning).")
 _JSON = flags.DEFINE_string("json", None, "Also write the row (and the header facts) to this JSON file.")
 
@@ -55,21 +55,6 @@ def _git_revision() -> str:
     return git("rev-parse", "--short", "HEAD").strip() + dirty
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-
-
-def matmul_tflops(n: int, chain: int = 8, repeats: int = 5) -> float:
-  """Achievable dense bf16 TFLOP/s of one device: best of `repeats` runs of `chain` n^3 matmuls."""
-  k1, k2 = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(k1, (n, n), jnp.bfloat16)
-  w = (jax.random.normal(k2, (n, n)) * n ** -0.5).astype(jnp.bfloat16)  # keeps |x| ~ 1 along the chain
-  f = jax.jit(lambda x, w: functools.reduce(lambda y, _: y @ w, range(chain), x))
-  jax.block_until_ready(f(x, w))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x, w))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 * chain / best / 1e12
 
 
 def random_batch(config: config_lib.Config, rows: int) -> dict[str, np.ndarray]:
@@ -104,11 +89,6 @@ def main(argv):
   rev, today = _git_revision(), datetime.datetime.now(datetime.timezone.utc).date().isoformat()
   print(f"rev {rev}, {today}, jax {jax.__version__}, "
         f"{n_dev} x {device.device_kind} ({device.platform})", flush=True)
-  measure = _MATMUL.value if _MATMUL.value is not None else device.platform != "cpu"
-  measured = matmul_tflops(_MATMUL_N.value) if measure else None
-  if measured:
-    print(f"measured bf16 matmul ({_MATMUL_N.value}^3 x 8, jit): {measured:.4g} TFLOP/s per device",
-          flush=True)
   peak = _PEAK.value * 1e12 if _PEAK.value else metrics.peak_flops_per_device(device)
 
   s = train.setup(config)
@@ -124,11 +104,19 @@ def main(argv):
   step_s = statistics.median(times[_WARMUP.value:])
   compile_s = times[0] - step_s  # the first call compiles, then runs one step
   loss = float(out["loss"])
+  mem = _peak_memory()  # before the ceilings below, whose buffers would count in the high-water mark
+  del state, out, batch
+
+  # Ceilings after the train step and with its buffers freed, so they never crowd a full device.
+  measure = _CEILINGS.value if _CEILINGS.value is not None else device.platform != "cpu"
+  measured, bandwidth = (ceilings.matmul_tflops(), ceilings.copy_bandwidth_gbs()) if measure else (None, None)
+  if measured:
+    print(f"measured per device: bf16 matmul (8192^3 x 8) {measured:.4g} TFLOP/s, "
+          f"copy bandwidth (read + write) {bandwidth:.4g} GB/s", flush=True)
 
   tokens = t.batch_size * t.seq_len
   flops_per_token = metrics.train_flops_per_token(m, t.seq_len)
   tflops_dev = flops_per_token * tokens / step_s / n_dev / 1e12
-  mem = _peak_memory()
   row = {
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
       "overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
@@ -138,7 +126,8 @@ def main(argv):
       "loss_chunk_size": m.loss_chunk_size, "step_s": step_s, "compile_s": compile_s,
       "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n_dev,
       "tflops_per_device": tflops_dev, "mfu": tflops_dev * 1e12 / peak if peak else None,
-      "measured_matmul_tflops": measured, "mfu_vs_measured": tflops_dev / measured if measured else None,
+      "measured_matmul_tflops": measured, "measured_copy_gbs": bandwidth,
+      "mfu_vs_measured": tflops_dev / measured if measured else None,
       "peak_bytes": mem[0] if mem else None, "bytes_limit": mem[1] if mem else None, "loss": loss,
       "rev": rev, "date": today, "jax": jax.__version__,
       "device_kind": device.device_kind, "num_devices": n_dev, "flops_per_token": flops_per_token,
