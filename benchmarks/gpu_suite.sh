@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind BENCHMARKS.md's H200 tables, in the order they were run.
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR [PART...]     PART: ceilings attention train1b train1b_xla
-#                                                           train8b generate
+#   bash benchmarks/gpu_suite.sh OUTDIR [PART...]     PART: ceilings attention train1b profile1b
+#                                                  mlp5632 train1b_xla train8b generate
 #
 # Each command runs under `timeout` (a hung or out-of-memory run costs its slot, not the rest); its output
 # goes to OUTDIR/PART.log and each train-step row to OUTDIR/<name>.json. Needs llada_jax importable
@@ -39,6 +39,15 @@ for part in $parts; do
         --config.model.remat_policy=dots_no_batch --config.model.attention_impl=cudnn
       step 1b_b16_full_cudnn 170 "${one_b[@]}" --config.train.batch_size=16 --config.model.remat_policy=full \
         --config.model.attention_impl=cudnn ;;
+    profile1b)  # one profiled llada_1b step: the kernel-time breakdown behind the gap to the matmul rate
+      step 1b_b8_none_cudnn_profiled 170 "${one_b[@]}" --config.train.batch_size=8 --config.model.remat_policy=none \
+        --config.model.attention_impl=cudnn --profile_dir="$out/prof" --steps=1
+      python3 benchmarks/trace_summary.py "$out/prof" --top=45
+      cp "$(ls -t "$out"/prof/plugins/profile/*/perfetto_trace.json.gz | head -1)" "$out/trace.json.gz"
+      rm -rf "$out/prof" ;;
+    mlp5632)  # the same step with the FFN width rounded to a multiple of 128 (5634 = 2 * 2817 is not)
+      step 1b_b8_none_cudnn_mlp5632 170 "${one_b[@]}" --config.train.batch_size=8 --config.model.remat_policy=none \
+        --config.model.attention_impl=cudnn --config.model.mlp_dim=5632 ;;
     train1b_xla)  # the same step with the reference attention, for the backend's share
       step 1b_b8_full_xla 170 "${one_b[@]}" --config.train.batch_size=8 --config.model.remat_policy=full \
         --config.model.attention_impl=xla ;;

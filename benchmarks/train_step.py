@@ -42,6 +42,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s (defaul
 _CEILINGS = flags.DEFINE_bool("measure_ceilings", None, "Measure the achievable bf16 matmul TFLOP/s and "
                               "copy bandwidth first (default: on GPU/TPU, not on CPU).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Fake this many CPU devices (planning).")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "Trace the timed steps with jax.profiler into this "
+                               "folder (TensorBoard profile + a Perfetto trace.json.gz).")
 _JSON = flags.DEFINE_string("json", None, "Also write the row (and the header facts) to this JSON file.")
 
 FORMULA = "3 * (2 * matmul_params + 4 * layers * seq_len * heads * head_dim); remat recompute not counted"
@@ -97,10 +99,14 @@ def main(argv):
   batch = train.global_batch(s, random_batch(config, t.batch_size // jax.process_count()))
   times = []
   with sharding.use_rules(config.mesh, s.mesh):
-    for _ in range(_WARMUP.value + _STEPS.value):
+    for i in range(_WARMUP.value + _STEPS.value):
+      if i == _WARMUP.value and _PROFILE.value:
+        jax.profiler.start_trace(_PROFILE.value, create_perfetto_trace=True)
       t0 = time.perf_counter()
       state, out = jax.block_until_ready(s.step(state, batch))
       times.append(time.perf_counter() - t0)
+  if _PROFILE.value:
+    jax.profiler.stop_trace()
   step_s = statistics.median(times[_WARMUP.value:])
   compile_s = times[0] - step_s  # the first call compiles, then runs one step
   loss = float(out["loss"])
