@@ -33,6 +33,8 @@ def base() -> ml_collections.ConfigDict:
                              # | auto (the best this backend has)
   m.loss_chunk_size = 0      # >0: output head + cross-entropy in sequence chunks of this many tokens,
                              # so the [B, L, vocab] float32 logits never exist at once (training)
+  m.mlp_pad_to = 0           # >0: run the SwiGLU with its hidden width zero-padded up to a multiple of
+                             # this (exact; GPU GEMMs slow down on widths like 5634); params unchanged
   m.dtype = "bfloat16"       # compute dtype (softmax, norms, RoPE and losses always run in float32)
   m.param_dtype = "float32"  # parameter and optimizer-state dtype
 
@@ -142,7 +144,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     big = variant == "llada_8b"
     c.model.update(vocab_size=126464, d_model=4096 if big else 2048, num_layers=32 if big else 22,
                    num_heads=32, num_kv_heads=32 if big else 4, mlp_dim=12288 if big else 5634,
-                   remat_policy="full", attention_impl="auto", loss_chunk_size=1024)
+                   remat_policy="full", attention_impl="auto", loss_chunk_size=1024,
+                   mlp_pad_to=128)
     c.diffusion.mask_token_id = 126336
     c.data.tokenizer_vocab_size = 32000
     c.train.update(batch_size=1280, seq_len=4096, num_steps=500000, checkpoint_every=1000)

@@ -65,6 +65,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   loss_chunk_size: int = 0
+  mlp_pad_to: int = 0
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
 
@@ -85,6 +86,7 @@ class ModelConfig:
     _check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_int(s, "loss_chunk_size", self.loss_chunk_size, 0)
+    _check_int(s, "mlp_pad_to", self.mlp_pad_to, 0)
     _check_choice(s, "dtype", self.dtype, _DTYPES)
     _check_choice(s, "param_dtype", self.param_dtype, _DTYPES)
     for name in ("causal", "scan_layers"):

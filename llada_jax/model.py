@@ -104,10 +104,18 @@ class Block(nnx.Module):
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
 
     y_BTD = rms_norm(x_BTD, self.ff_norm[...], cfg.norm_eps)
-    gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", y_BTD, w(self.ff_gate)))
-    up_BTF = jnp.einsum("btd,df->btf", y_BTD, w(self.ff_up))
+    gate_DF, up_DF, down_FD = w(self.ff_gate), w(self.ff_up), w(self.ff_down)
+    pad = -cfg.mlp_dim % cfg.mlp_pad_to if cfg.mlp_pad_to else 0
+    if pad:
+      # Zero columns of gate/up give silu(0) * 0 = 0 in the extra hidden units, and zero rows of down
+      # drop them: the same function, with GEMM widths the GPU's tiles divide (gradients flow back
+      # through the pads' slices to the real parameters).
+      gate_DF, up_DF = (jnp.pad(p, ((0, 0), (0, pad))) for p in (gate_DF, up_DF))
+      down_FD = jnp.pad(down_FD, ((0, pad), (0, 0)))
+    gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", y_BTD, gate_DF))
+    up_BTF = jnp.einsum("btd,df->btf", y_BTD, up_DF)
     h_BTF = sharding.constrain(gate_BTF * up_BTF, ("batch", "length", "mlp"))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", h_BTF, w(self.ff_down))
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", h_BTF, down_FD)
     return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH)
 
 

@@ -232,7 +232,7 @@ def _check_tokenizer(config: Config, tok) -> None:
 # Model fields that change how a step runs, not what the parameters are: a run may resume or fine-tune
 # with other values (restores cast to the new param_dtype; init_std only shapes a fresh init).
 EXECUTION_FIELDS = ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std", "attention_impl",
-                    "loss_chunk_size")
+                    "loss_chunk_size", "mlp_pad_to")
 
 
 def _check_resume_config(config: Config, saved: dict, where: str) -> None:

@@ -1,5 +1,5 @@
-"""Performance switches change speed and memory, never the numbers: chunked output head + loss, bfloat16
-Adam moments (named remat policies: tests/test_model.py; attention backends: tests/test_attention.py)."""
+"""Performance switches change speed and memory, never the numbers: chunked output head + loss, the
+zero-padded SwiGLU width, bfloat16 Adam moments (named remat policies: tests/test_model.py; attention backends: tests/test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,22 @@ def test_chunked_loss_equals_plain_loss_and_gradients(objective):
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_padded_mlp_width_gives_the_same_loss_and_gradients():
+  over = {"model.mlp_dim": 100, "diffusion.random_length_prob": 0.0}  # 100 -> 128: 28 zero units
+  plain, padded = tiny_config(**over), tiny_config(**over, **{"model.mlp_pad_to": 128})
+  batch = _batch(plain)
+  (l0, g0), (l1, g1) = _grads(plain, batch), _grads(padded, batch)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  assert g1["blocks"]["ff_down"].shape == g0["blocks"]["ff_down"].shape == (2, 100, 32)  # params unchanged
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # The pad must really be there: the compiled step multiplies [.., 128]-wide hidden activations.
+  graphdef, _ = model_lib.abstract_model(padded.model)
+  params = model_lib.init_params(padded.model, jax.random.key(0))
+  hlo = jax.jit(lambda p: train._loss(padded, graphdef, p, batch, jax.random.key(3))[0]).lower(params).as_text()
+  assert "stablehlo.pad" in hlo and "x128xf32>" in hlo
 
 
 def test_chunked_loss_never_holds_the_full_logits():
