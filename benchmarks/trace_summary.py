@@ -1,9 +1,9 @@
 """Where a profiled step's device time goes: kernels grouped from a jax.profiler Perfetto trace.
 
   python benchmarks/train_step.py ... --profile_dir=/tmp/prof
-  python benchmarks/trace_summary.py /tmp/prof [--top=40]
+  python benchmarks/trace_summary.py /tmp/prof [--top=40]     # or the path of one trace file
 
-Reads the newest `perfetto_trace.json.gz` under the folder, keeps the complete events of the device
+Reads the newest `perfetto_trace.json.gz` under the folder (or the file given), keeps the complete events of the device
 processes (names holding 'GPU' or 'TPU'; the host's CPU threads otherwise), and prints the total busy
 time, then the kernels by total time with their count and share, then the same time grouped into
 coarse kinds (matmul, attention, fusion, copy/transpose, reduce, collective, other) by name.
@@ -35,8 +35,8 @@ def main(argv):
   for a in argv[2:]:
     if a.startswith("--top="):
       top = int(a.split("=", 1)[1])
-  files = sorted(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True),
-                 key=os.path.getmtime)
+  files = [folder] if os.path.isfile(folder) else sorted(
+      glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
   if not files:
     sys.exit(f"no perfetto_trace.json.gz under {folder}")
   events = json.load(gzip.open(files[-1]))["traceEvents"]

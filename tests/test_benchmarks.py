@@ -9,13 +9,17 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_step(config, *args):
+def _script(script, *args):
   # One CPU device unless a run asks for more: conftest's 8 fake devices would only slow the compile.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--config={config}", "--steps=2",
-                      "--warmup=1", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return r.stdout
+
+
+def _train_step(config, *args):
+  return _script("train_step.py", f"--config={config}", "--steps=2", "--warmup=1", *args)
 
 
 def _table(stdout):
@@ -26,7 +30,7 @@ def _table(stdout):
 
 
 def test_train_step_benchmark_prints_a_row_and_json(tmp_path):
-  out = _train_step("configs/tiny.py", f"--json={tmp_path / 'row.json'}")
+  out = _train_step("configs/tiny.py", f"--json={tmp_path / 'row.json'}", f"--profile_dir={tmp_path / 'prof'}")
   assert "jax " in out.splitlines()[0] and "remat recompute not counted" in out
   row = _table(out)
   assert row["mesh (data,fsdp,tensor)"] == "1x1x1" and row["batch"] == "8" and row["seq"] == "32"
@@ -36,6 +40,19 @@ def test_train_step_benchmark_prints_a_row_and_json(tmp_path):
   saved = json.loads((tmp_path / "row.json").read_text())
   assert saved["step_s"] > 0 and saved["tokens_per_s"] > 0 and math.isfinite(saved["loss"])
   assert saved["peak_bytes"] is None and saved["num_devices"] == 1
+  assert saved["measured_matmul_tflops"] is None  # ceilings are measured on accelerators only by default
+  # The profiled timed steps summarise into kernel rows whose shares add up to the busy time.
+  summary = _script("trace_summary.py", str(tmp_path / "prof"), "--top=1000")
+  busy = float(summary.split("busy time ")[1].split(" ms")[0])
+  rows = [l.split("|") for l in summary.splitlines() if l.startswith("| ") and l.count("|") == 5]
+  assert busy > 0 and rows and abs(sum(float(r[3]) for r in rows[1:]) - busy) < 0.01 * busy + 0.05 * len(rows)
+
+
+def test_attention_benchmark_compares_backends_to_xla():
+  out = _script("attention.py", "--batch=1", "--seq=128", "--heads=2", "--kv_heads=1", "--repeats=1")
+  rows = {r[1].strip(): r for r in (l.split("|") for l in out.splitlines()) if len(r) == 7}
+  assert set(rows) >= {"xla", "splash"}, out  # CPU: splash runs in Pallas interpret mode
+  assert float(rows["xla"][4]) == 0 and 0 < float(rows["splash"][4]) < 0.05 and float(rows["splash"][5]) < 0.05
 
 
 def test_train_step_benchmark_sft_remat_two_devices():
