@@ -102,6 +102,8 @@ def base() -> ml_collections.ConfigDict:
   t.max_to_keep = 3          # checkpoints kept on disk
   t.keep_every = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
   t.async_checkpointing = True  # write checkpoints in the background
+  t.skip_nonfinite = True    # a step with a NaN/Inf loss or gradients leaves params and optimizer as they were
+  t.max_nonfinite_streak = 10  # halt after this many non-finite steps in a row (naming the last checkpoint)
   t.num_samples = 4          # completions printed at the end of training (0: none)
   t.eval_every = 0           # steps between validations on held-out data (0: none); procedural data
                              # holds out fresh documents about the same world

@@ -4,21 +4,74 @@ Saves are asynchronous (training continues while the previous step is written) a
 to a temporary directory and renames it when complete), so a crash mid-save leaves the last complete
 step intact. Restores go into an abstract target that carries the *current* mesh's shardings, so a run
 can resume on a different device layout.
+
+Integrity: each step also stores a checksum of every array it holds (item "integrity": two position-
+weighted sums of the array's raw bits, computed on the devices at save time). A restore recomputes them
+and refuses a step whose bytes changed on disk, naming the array; `restore_latest_good` then moves that
+step aside (to `checkpoints_corrupt/`, never deleted) and falls back to the previous one. A failed
+write (a full disk, say) raises `errors.RunHalted` naming the step and the last complete one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from llada_jax import files
+from llada_jax import errors, files
 
 CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "checkpoints_corrupt"
+
+
+class CorruptCheckpoint(ValueError):
+  """A step whose files are missing, unreadable or no longer match their checksums."""
+
+
+def _as_dict(state: Any) -> Any:
+  """TrainState -> {field: value}, so a state and a params-only {'params': ...} tree share leaf names."""
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  return state
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+  out = []
+  for x in leaves:
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x.reshape(-1), bits).astype(jnp.uint32)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]))
+  return out
+
+
+def checksums(state: Any) -> dict[str, list]:
+  """{leaf name: [dtype, sum of the raw bits, position-weighted sum]}, both sums mod 2^32.
+
+  Any single changed bit changes the first sum; swapped or shifted words change the second."""
+  named = jax.tree_util.tree_flatten_with_path(_as_dict(state))[0]
+  sums = jax.device_get(_leaf_sums([x for _, x in named]))
+  return {jax.tree_util.keystr(path): [str(x.dtype), int(s[0]), int(s[1])]
+          for (path, x), s in zip(named, sums)}
+
+
+def _verify(restored: Any, stored: dict[str, list], where: str) -> None:
+  """Raises CorruptCheckpoint naming the first array whose checksum differs. Arrays restored into
+  another dtype (a run resumed with a new param_dtype) cannot be compared and are skipped."""
+  for name, (dtype, *sums) in checksums(restored).items():
+    if name in stored and stored[name][0] == dtype and stored[name][1:] != sums:
+      raise CorruptCheckpoint(f"{where}: array {name} does not match the checksum saved with it "
+                              "(its bytes changed on disk)")
 
 
 def _existing_checkpoint_dir(path: str) -> epath.Path:
@@ -54,9 +107,10 @@ class Checkpointer:
       # StandardSave's handler has no such bound; its base handler writes the same format.
       handlers = {"state": ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=save_host_gb,
                                                        save_concurrent_gb=save_host_gb),
-                  "config": ocp.JsonCheckpointHandler()}
+                  "config": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler()}
       self._state_save = ocp.args.PyTreeSave
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._writing: int | None = None  # the step of the last save started
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,10 +120,29 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_iterator: grain.DatasetIterator | None,
            config: dict[str, Any], force: bool = False) -> bool:
-    items = {"state": self._state_save(state), "config": ocp.args.JsonSave(config)}
+    """Starts writing `step` (asynchronously unless async_save=False). An error of this or the previous
+    save (they surface here, or in `wait`) raises errors.RunHalted: the steps already complete stay."""
+    items = {"state": self._state_save(state), "config": ocp.args.JsonSave(config),
+             "integrity": ocp.args.JsonSave({"checksums": checksums(state)})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # the previous write's error belongs to that step (Orbax would wait here anyway)
+    self._writing = step
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # Orbax raises a write's error as is (OSError, ValueError, ...)
+      raise self._save_failed(step, e) from e
+
+  def _save_failed(self, step: int, e: Exception) -> errors.RunHalted:
+    try:
+      complete = [s for s in self._manager.all_steps() if s != step]  # (a failed step may be listed)
+    except Exception:  # the folder itself may be unreadable
+      complete = []
+    last = f"step {max(complete)}" if complete else "none"
+    return errors.RunHalted(
+        f"writing checkpoint step {step} in {self.directory} failed ({type(e).__name__}: {e}); the last "
+        f"complete checkpoint is {last}. Free space or fix the folder, then rerun the same command to "
+        "resume from it")
 
   def restore(self, step: int, abstract_state: Any, *,
               data_iterator: grain.DatasetIterator | None = None) -> Any:
@@ -80,12 +153,66 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    where = f"checkpoint step {step} at {self.directory / str(step)}"
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(f"checkpoint step {step} in {self.directory} could not be restored into the "
-                       f"current config: {e}") from e
+    except Exception as e:  # missing, truncated or garbled files (shapes are checked against the config first)
+      raise CorruptCheckpoint(f"{where} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+    self._verify_step(step, restored["state"], where)
     return restored["state"]
+
+  def _verify_step(self, step: int, restored: Any, where: str) -> None:
+    path = self.directory / str(step) / "integrity" / "metadata"
+    if not path.exists():
+      if (self.directory / str(step) / "integrity").exists():
+        raise CorruptCheckpoint(f"{where}: its checksum file {path} is missing")
+      return  # written before checksums existed
+    try:
+      stored = json.loads(path.read_text())["checksums"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise CorruptCheckpoint(f"{where}: its checksum file {path} is unreadable ({e})") from e
+    _verify(restored, stored, where)
+
+  def restore_latest_good(self, abstract_state: Any, *, data_iterator: grain.DatasetIterator | None = None,
+                          check_config: Callable[[dict[str, Any]], None] | None = None,
+                          log: Callable[[str], None] = print) -> tuple[int, Any] | None:
+    """Restores the newest step that reads back intact; None when there is no step at all.
+
+    A corrupt step (unreadable config or arrays, checksum mismatch) is reported, moved aside to
+    `checkpoints_corrupt/STEP-TIME` beside the checkpoints folder (kept, never deleted) and the previous
+    step is tried. `check_config(saved config)` may raise ValueError for a config that does not fit the
+    run (a user error, not a corruption): that propagates.
+    """
+    bad = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.restore_config(step)
+      except (ValueError, FileNotFoundError) as e:  # invalid JSON, or the config item is gone
+        error = f"checkpoint step {step} at {self.directory / str(step)}: {e}"
+      else:
+        if check_config is not None:
+          check_config(saved)
+        try:
+          return step, self.restore(step, abstract_state, data_iterator=data_iterator)
+        except CorruptCheckpoint as e:
+          error = e
+      moved = self._quarantine(step)
+      bad.append(step)
+      log(f"warning: {error}; moved it to {moved} and falling back to the previous step")
+    if bad:
+      raise ValueError(f"no usable checkpoint left in {self.directory}: steps {bad} were corrupt (moved to "
+                       f"{self.directory.parent / QUARANTINE_DIR}); restore a copy or start a new --workdir")
+    return None
+
+  def _quarantine(self, step: int) -> epath.Path:
+    target = self.directory.parent / QUARANTINE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"llada_jax quarantine {step}")
+    self._manager.reload()
+    return target
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only the parameters of a step (no optimizer state, no iterator): for fine-tuning."""
@@ -100,6 +227,7 @@ class Checkpointer:
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ValueError(f"parameters of checkpoint step {step} in {self.directory} do not fit the current "
                        f"model config: {e}") from e
+    self._verify_step(step, restored["state"], f"checkpoint step {step} at {self.directory / str(step)}")
     return restored["state"]["params"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
@@ -116,10 +244,19 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the last save is complete; its error, if any, raises errors.RunHalted."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(self._writing, e) from e
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -289,6 +289,8 @@ class TrainConfig:
   eval_batches: int = 4
   sample_steps: int = 32
   sample_length: int = 32
+  skip_nonfinite: bool = True
+  max_nonfinite_streak: int = 10
 
   def __post_init__(self):
     s = "train"
@@ -296,12 +298,14 @@ class TrainConfig:
     if not isinstance(self.init_from, str):
       _fail(f"{s}.init_from", "a path (a workdir or its checkpoints/ folder) or ''", self.init_from)
     for name in ("batch_size", "seq_len", "num_steps", "grad_accum_steps", "log_every",
-                 "checkpoint_every", "max_to_keep", "sample_steps", "sample_length"):
+                 "checkpoint_every", "max_to_keep", "sample_steps", "sample_length", "max_nonfinite_streak"):
       _check_int(s, name, getattr(self, name), 1)
     _check_int(s, "num_samples", self.num_samples, 0)
     _check_int(s, "keep_every", self.keep_every, 0)
     _check_int(s, "eval_every", self.eval_every, 0)
     _check_int(s, "eval_batches", self.eval_batches, 1)
+    if not isinstance(self.skip_nonfinite, bool):
+      _fail(f"{s}.skip_nonfinite", "True or False", self.skip_nonfinite)
     if self.batch_size % self.grad_accum_steps:
       _fail(f"{s}.grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}", self.grad_accum_steps)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, files
+from llada_jax import checkpoint as ckpt_lib, errors, files
 from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, serving, sharding
 from llada_jax.config import Config
 from llada_jax.data import pipeline
@@ -111,11 +112,19 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
       loss = loss / accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/Inf anywhere in the grads reaches the norm
+    if config.train.skip_nonfinite:
+      # A non-finite step leaves parameters and optimizer state as they were (the step counter and the
+      # data still advance, so a resumed run stays in step with an uninterrupted one).
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
         "loss": loss,
         "masked_accuracy": num_correct / jnp.maximum(num_masked, 1),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
+        "nonfinite": (~finite).astype(jnp.float32),  # averaged over a log window: the share skipped
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -259,6 +268,53 @@ def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState
   return state.replace(params=params)
 
 
+class _NonfiniteWatch:
+  """Counts steps with a non-finite loss or gradients and halts after `max_nonfinite_streak` in a row.
+
+  Each step's flag is read one step late (after the next step is dispatched), so watching never stalls
+  the device; a halt comes at most one step after the streak's last step, and saves wait for the flag of
+  the step they save. With `skip_nonfinite` the bad steps changed nothing, so every save is good; without
+  it the parameters are NaN from the first bad step on and are never saved again.
+  """
+
+  def __init__(self, cfg, ckpt: ckpt_lib.Checkpointer):
+    self._cfg, self._ckpt = cfg, ckpt
+    self._pending: tuple[int, jax.Array] | None = None
+    self.streak, self.total, self._poisoned = 0, 0, False
+
+  def add(self, step: int, flag: jax.Array) -> None:
+    self._check()
+    self._pending = (step, flag)
+
+  def state_is_good(self, step: int) -> bool:
+    self._check()  # the flag of `step` itself
+    if self._poisoned and jax.process_index() == 0:
+      print(f"warning: not saving step {step}: the parameters are non-finite (train.skip_nonfinite=False)",
+            file=sys.stderr, flush=True)
+    return not self._poisoned
+
+  def _check(self) -> None:
+    if self._pending is None:
+      return
+    step, flag = self._pending
+    self._pending = None
+    if not bool(jax.device_get(flag)):
+      self.streak = 0
+      return
+    self.streak += 1
+    self.total += 1
+    self._poisoned |= not self._cfg.skip_nonfinite
+    if self.streak >= self._cfg.max_nonfinite_streak:
+      self._ckpt.wait()
+      last = self._ckpt.latest_step()
+      where = (f"step {last} in {self._ckpt.directory}" if last is not None else "none (no step was saved)")
+      raise errors.RunHalted(
+          f"halted at step {step}: {self.streak} steps in a row had a non-finite loss or gradients "
+          f"(train.max_nonfinite_streak={self._cfg.max_nonfinite_streak}; {self.total} in this run). The last "
+          f"good checkpoint is {where}; lower optim.peak_lr or look for bad data near this step, "
+          "then rerun to resume from it")
+
+
 class _PreemptionNotice:
   """Whether the job has been asked to stop (TPU maintenance events and preemptions send SIGTERM).
 
@@ -313,10 +369,12 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                keep_every=config.train.keep_every,
                                async_save=config.train.async_checkpointing)
-  start = ckpt.latest_step()
-  if start is not None:
-    _check_resume_config(config, ckpt.restore_config(start), ckpt.directory)
-    state = ckpt.restore(start, s.abstract_state, data_iterator=data_iter)
+  restored = ckpt.restore_latest_good(
+      s.abstract_state, data_iterator=data_iter,
+      check_config=lambda saved: _check_resume_config(config, saved, ckpt.directory),
+      log=lambda line: print(line, file=sys.stderr, flush=True))
+  if restored is not None:
+    start, state = restored
     print(f"resumed from step {start} in {ckpt.directory}", flush=True)
   else:
     start = 0
@@ -336,10 +394,12 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
   eval_batches = pipeline.build_eval_batches(config, tok) if config.train.eval_every else []
   preempted = False
+  watch = _NonfiniteWatch(config.train, ckpt)
   with sharding.use_rules(config.mesh, s.mesh), _PreemptionNotice(ckpt) as stop_requested:
     for step in range(start, end):
       state, m = s.step(state, global_batch(s, next(data_iter)))
       done = step + 1
+      watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
       preempted = stop_requested(done)
       last_step = done == end or preempted
       logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
@@ -347,7 +407,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
         scores = validate(s, state.params, eval_batches)
         writer.write(done, scores)
         logger.progress.print(done, scores)
-      if done % config.train.checkpoint_every == 0 or last_step:
+      if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
         ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
       if preempted:
         if jax.process_index() == 0:

@@ -7,6 +7,8 @@ import sys
 import jax
 from absl import flags, logging
 
+from llada_jax import errors
+
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks and INFO logs.")
 DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
@@ -62,21 +64,50 @@ def fake_cpu_devices(n: int) -> None:
   jax.config.update("jax_num_cpu_devices", n)
 
 
+def _drop_traceback(record) -> bool:
+  record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
+
+
+def _one_line_hook(prog: str):
+  seen = set()
+
+  def hook(exc_type, exc, tb):
+    del tb
+    line = f"{prog}: background error: {exc_type.__name__}: {exc}"
+    if line not in seen:
+      seen.add(line)
+      print(line, file=sys.stderr, flush=True)
+
+  return hook
+
+
 def user_errors(prog: str):
-  """Wraps an absl `main`: a ValueError / FileNotFoundError / FileExistsError (bad config, flag, file)
-  or the ImportError of a missing optional extra becomes one line on stderr and exit code 1; `--verbose`
-  shows the traceback instead. Orbax's per-save INFO logs are muted."""
+  """Wraps an absl `main`: a ValueError / FileNotFoundError / FileExistsError (bad config, flag, file),
+  the ImportError of a missing optional extra or an errors.RunHalted (a failed checkpoint write, a
+  non-finite streak) becomes one line on stderr and exit code 1; `--verbose`
+  shows the traceback instead. Orbax's per-save INFO logs are muted, and library log records keep
+  their one-line message but drop their tracebacks (a failed background write logs one) unless
+  `--verbose`."""
   def wrap(main):
     @functools.wraps(main)
     def inner(argv):
       if not VERBOSE.value:
         logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(_drop_traceback)
+        sys.excepthook = _one_line_hook(prog)  # errors that native callbacks print (e.g. a dying writer)
+        sys.unraisablehook = lambda u: sys.excepthook(u.exc_type, u.exc_value, u.exc_traceback)
       try:
         return main(argv)
-      except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+      except (ValueError, FileNotFoundError, FileExistsError, ImportError, errors.RunHalted) as e:
         if VERBOSE.value:
           raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, errors.RunHalted):
+          # Background writer threads are failing too; an orderly shutdown would wait for them and
+          # print their errors after this line. The good checkpoints are already complete on disk.
+          sys.stdout.flush()
+          os._exit(1)
         return 1
     return inner
   return wrap

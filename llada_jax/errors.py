@@ -1,0 +1,6 @@
+"""Errors a command reports in one line (see cli/common.user_errors) beside ValueError & co."""
+
+
+class RunHalted(RuntimeError):
+  """The run stopped itself to keep what it has: a checkpoint write failed, or too many steps in a row
+  were non-finite. The message names the last good checkpoint and what to do."""
