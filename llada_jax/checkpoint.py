@@ -65,6 +65,27 @@ def checksums(state: Any) -> dict[str, list]:
           for (path, x), s in zip(named, sums)}
 
 
+def _shapes(tree: Any) -> dict[str, list[int]]:
+  named = jax.tree_util.tree_flatten_with_path(_as_dict(tree))[0]
+  return {jax.tree_util.keystr(path): list(x.shape) for path, x in named}
+
+
+def _check_layout(abstract: Any, saved: dict[str, list[int]], where: str) -> None:
+  """Every array `abstract` asks for must be in the checkpoint with the same shape (dtypes may differ:
+  restores cast). Raises ValueError naming the first array that does not fit."""
+  want = _shapes(abstract)
+  missing = [name for name in want if name not in saved]
+  if missing:
+    raise ValueError(f"{where} could not be restored into the current config: it has no array {missing[0]}"
+                     f" ({len(missing)} missing); the optimizer or model config differs from the run that "
+                     "saved it (use that run's config, or a new --workdir)")
+  for name, shape in want.items():
+    if saved[name] != shape:
+      raise ValueError(f"{where} could not be restored into the current config: array {name} has shape "
+                       f"{tuple(saved[name])} there and {tuple(shape)} in this config (use that run's "
+                       "config, or a new --workdir)")
+
+
 def _verify(restored: Any, stored: dict[str, list], where: str) -> None:
   """Raises CorruptCheckpoint naming the first array whose checksum differs. Arrays restored into
   another dtype (a run resumed with a new param_dtype) cannot be compared and are skipped."""
@@ -123,7 +144,7 @@ class Checkpointer:
     """Starts writing `step` (asynchronously unless async_save=False). An error of this or the previous
     save (they surface here, or in `wait`) raises errors.RunHalted: the steps already complete stay."""
     items = {"state": self._state_save(state), "config": ocp.args.JsonSave(config),
-             "integrity": ocp.args.JsonSave({"checksums": checksums(state)})}
+             "integrity": ocp.args.JsonSave({"checksums": checksums(state), "shapes": _shapes(state)})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.wait()  # the previous write's error belongs to that step (Orbax would wait here anyway)
@@ -153,25 +174,40 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._restore_checked(step, abstract_state, items)["state"]
+
+  def _restore_checked(self, step: int, abstract: Any, items: dict[str, Any]) -> Any:
+    """Restores `items` of `step`. The arrays' names and shapes are compared with `abstract` first (a
+    mismatch is a config problem: ValueError), so a failure to read after that is the files' fault
+    (CorruptCheckpoint), and the values read back must match their checksums."""
     where = f"checkpoint step {step} at {self.directory / str(step)}"
+    record = self._integrity(step, where)
+    if record is not None:
+      _check_layout(abstract, record["shapes"], f"checkpoint step {step} in {self.directory}")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # missing, truncated or garbled files (shapes are checked against the config first)
+    except Exception as e:
+      if record is None:  # a step from before checksums: no telling a damaged file from a misfit
+        raise ValueError(f"checkpoint step {step} in {self.directory} could not be restored into the "
+                         f"current config: {_first_line(e)}") from e
       raise CorruptCheckpoint(f"{where} could not be read ({type(e).__name__}: {_first_line(e)})") from e
-    self._verify_step(step, restored["state"], where)
-    return restored["state"]
+    if record is not None:
+      _verify(restored["state"], record["checksums"], where)
+    return restored
 
-  def _verify_step(self, step: int, restored: Any, where: str) -> None:
+  def _integrity(self, step: int, where: str) -> dict[str, Any] | None:
     path = self.directory / str(step) / "integrity" / "metadata"
     if not path.exists():
       if (self.directory / str(step) / "integrity").exists():
         raise CorruptCheckpoint(f"{where}: its checksum file {path} is missing")
-      return  # written before checksums existed
+      return None  # written before checksums existed
     try:
-      stored = json.loads(path.read_text())["checksums"]
+      record = json.loads(path.read_text())
+      if not isinstance(record["checksums"], dict) or not isinstance(record["shapes"], dict):
+        raise TypeError("not a checksum record")
+      return record
     except (ValueError, KeyError, TypeError) as e:
       raise CorruptCheckpoint(f"{where}: its checksum file {path} is unreadable ({e})") from e
-    _verify(restored, stored, where)
 
   def restore_latest_good(self, abstract_state: Any, *, data_iterator: grain.DatasetIterator | None = None,
                           check_config: Callable[[dict[str, Any]], None] | None = None,
@@ -222,13 +258,7 @@ class Checkpointer:
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(f"parameters of checkpoint step {step} in {self.directory} do not fit the current "
-                       f"model config: {e}") from e
-    self._verify_step(step, restored["state"], f"checkpoint step {step} at {self.directory / str(step)}")
-    return restored["state"]["params"]
+    return self._restore_checked(step, item, {"state": args})["state"]["params"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
     path = self.directory / str(step) / "config" / "metadata"

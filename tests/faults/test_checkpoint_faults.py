@@ -192,3 +192,16 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
                           "optim.warmup_steps": 5})
   step, _ = ckpt.restore_latest_good(train.setup(config).abstract_state)
   assert step == complete
+
+
+def test_a_state_that_does_not_fit_is_a_config_error_not_corruption(reference, tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(reference[1]), read_only=True)
+  abstract = train.setup(tiny_config(**STEPS)).abstract_state
+  embedding = abstract.params["embedding"]
+  wider = jax.ShapeDtypeStruct((embedding.shape[0], embedding.shape[1] + 1), embedding.dtype,
+                               sharding=embedding.sharding)
+  for params, message in ((dict(abstract.params, extra=embedding), r"has no array \['params'\]\['extra'\]"),
+                          (dict(abstract.params, embedding=wider), r"array \['params'\]\['embedding'\] has shape")):
+    with pytest.raises(ValueError, match=message) as e:
+      ckpt.restore(4, abstract.replace(params=params))
+    assert not isinstance(e.value, ckpt_lib.CorruptCheckpoint)
