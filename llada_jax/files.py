@@ -25,11 +25,14 @@ def path(root: str | os.PathLike, *parts: str) -> epath.Path:
 
 def write_atomic(target: epath.Path, data: str | bytes) -> None:
   """Replaces `target` whole: never a half-written file beside a good checkpoint. Local files go via a
-  temporary name and a rename; bucket objects only ever appear complete."""
+  synced temporary file and a rename; bucket objects only ever appear complete."""
   target.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(target):
     (target.write_bytes if isinstance(data, bytes) else target.write_text)(data)
     return
   tmp = target.parent / (target.name + ".tmp")
-  (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+  with open(os.fspath(tmp), "wb") as f:
+    f.write(data if isinstance(data, bytes) else data.encode())
+    f.flush()
+    os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
   os.replace(tmp, target)

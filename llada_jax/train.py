@@ -324,8 +324,8 @@ class _PreemptionNotice:
   step and none is left waiting in a collective; a per-host Python handler could not promise that.
   """
 
-  def __init__(self, ckpt: ckpt_lib.Checkpointer):
-    self._ckpt = ckpt
+  def __init__(self):
+    self.ckpt: ckpt_lib.Checkpointer | None = None  # set once the run has one (multi-host sync point)
     self._signalled = False
     self._previous = None
 
@@ -340,7 +340,7 @@ class _PreemptionNotice:
 
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return self._ckpt.reached_preemption(step)
+      return self.ckpt.reached_preemption(step)
     return self._signalled
 
   def __exit__(self, *exc) -> None:
@@ -356,6 +356,13 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   SIGTERM does the same at the next step boundary. Returns a summary: final step, last logged metrics,
   wall time, whether the run was preempted, samples and the final state.
   """
+  # The handler goes in first: a SIGTERM during start-up (data, tokenizer, compile, restore) is honoured
+  # at the first step like any other instead of killing the process mid-way.
+  with _PreemptionNotice() as stop_requested:
+    return _train(config, workdir, stop_at, stop_requested)
+
+
+def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _PreemptionNotice) -> dict[str, Any]:
   t_start = time.time()
   data = pipeline.build_training_data(config, workdir)
   tok = data.tokenizer
@@ -369,6 +376,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                keep_every=config.train.keep_every,
                                async_save=config.train.async_checkpointing)
+  stop_requested.ckpt = ckpt
   restored = ckpt.restore_latest_good(
       s.abstract_state, data_iterator=data_iter,
       check_config=lambda saved: _check_resume_config(config, saved, ckpt.directory),
@@ -395,7 +403,7 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = No
   eval_batches = pipeline.build_eval_batches(config, tok) if config.train.eval_every else []
   preempted = False
   watch = _NonfiniteWatch(config.train, ckpt)
-  with sharding.use_rules(config.mesh, s.mesh), _PreemptionNotice(ckpt) as stop_requested:
+  with sharding.use_rules(config.mesh, s.mesh):
     for step in range(start, end):
       state, m = s.step(state, global_batch(s, next(data_iter)))
       done = step + 1
