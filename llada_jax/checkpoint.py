@@ -263,7 +263,8 @@ class Checkpointer:
   def restore_config(self, step: int) -> dict[str, Any]:
     path = self.directory / str(step) / "config" / "metadata"
     if not path.exists():
-      raise FileNotFoundError(f"checkpoint config not found: {path}")
+      raise FileNotFoundError(f"checkpoint step {step} in {self.directory} is incomplete ({path} is missing); "
+                              f"use another step (available: {self.all_steps() or 'none'})")
     try:
       return json.loads(path.read_text())
     except json.JSONDecodeError as e:

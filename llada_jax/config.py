@@ -369,6 +369,13 @@ def from_config_dict(d: Mapping[str, Any]) -> Config:
   """
   if hasattr(d, "to_dict"):
     d = d.to_dict()
+  if not isinstance(d, Mapping):
+    raise ValueError(f"a config must be a ConfigDict (or dict) of sections {sorted(_SECTION_TYPES)}; got "
+                     f"{type(d).__name__} (does get_config() in the config file return its ConfigDict?)")
+  not_sections = sorted(name for name in _SECTION_TYPES if not isinstance(d.get(name, {}), Mapping))
+  if not_sections:
+    raise ValueError(f"config section '{not_sections[0]}' must be a ConfigDict (or dict) of fields; got "
+                     f"{d[not_sections[0]]!r}")
   unknown = set(d) - set(_SECTION_TYPES)
   if unknown:
     raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTION_TYPES)}")

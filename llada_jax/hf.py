@@ -155,7 +155,8 @@ class HFDirectory:
   def __init__(self, path: str | os.PathLike):
     self.path = files.path(path)
     if not self.path.is_dir():
-      raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {self.path}")
+      raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {self.path} (a local folder with "
+                              "config.json, *.safetensors and the tokenizer files; nothing is downloaded)")
     config_path = self.path / CONFIG_FILE
     if not config_path.exists():
       raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint needs its config.json")
@@ -189,7 +190,8 @@ class HFDirectory:
           "environment you trust: transformers' model.save_pretrained(dir, safe_serialization=True), or "
           "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors', "
           "metadata={'format': 'pt'}).")
-    raise FileNotFoundError(f"no *.safetensors weight files in {self.path}")
+    raise FileNotFoundError(f"no *.safetensors weight files in {self.path}: a Hugging Face checkpoint folder "
+                            "holds config.json, model*.safetensors and the tokenizer files")
 
   def _scan(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
     safetensors = _safetensors()
@@ -204,7 +206,8 @@ class HFDirectory:
             piece = f.get_slice(key)
             out[key] = (name, tuple(piece.get_shape()), piece.get_dtype())
       except (OSError, safetensors.SafetensorError) as e:  # a truncated or corrupt file
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                         "copy or download it again") from e
     return out
 
   def check(self, m: ModelConfig) -> list[Tensor]:
@@ -214,7 +217,8 @@ class HFDirectory:
     missing = [t.name for t in expected if t.name not in self.tensors]
     if missing:
       raise ValueError(f"{self.path} lacks {len(missing)} tensor(s) the config needs, e.g. "
-                       f"{', '.join(missing[:3])}")
+                       f"{', '.join(missing[:3])}: a weight file is incomplete, or config.json is another "
+                       "model's")
     extra = sorted(set(self.tensors) - names)
     if extra:
       raise ValueError(f"{self.path} holds tensor(s) the LLaDA layout does not have, e.g. "
@@ -223,7 +227,7 @@ class HFDirectory:
       file, shape, _ = self.tensors[t.name]
       if shape != t.shape:
         raise ValueError(f"tensor '{t.name}' in {file} has shape {list(shape)}; config.json implies "
-                         f"{list(t.shape)}")
+                         f"{list(t.shape)}: the weights and config.json are not of the same model")
     return expected
 
   def dtype(self) -> str:

@@ -46,6 +46,17 @@ def _check_positive(name: str, value: Any) -> None:
     _bad(name, "a positive integer", value)
 
 
+def _check_fits(prompt_width: int, gen_length: int, max_seq_len: int) -> None:
+  """The prompt (its padded width) and the generated positions must fit in the model's sequence."""
+  if gen_length >= max_seq_len:
+    _bad("gen_length", f"less than model.max_seq_len={max_seq_len} (the prompt needs room too)", gen_length)
+  if prompt_width + gen_length > max_seq_len:
+    lower = f", or lower gen_length to at most {max_seq_len - prompt_width}" if prompt_width < max_seq_len else ""
+    raise ValueError(f"the prompt is {prompt_width} tokens long and gen_length={gen_length}: together more "
+                     f"than model.max_seq_len={max_seq_len}; shorten the prompt to at most "
+                     f"{max_seq_len - gen_length} tokens{lower}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Options of `generate`; hashable, so each distinct setting compiles once."""
@@ -89,8 +100,7 @@ class SamplingConfig:
     if prompt_length < 1:
       bad("prompt", "at least one token long", prompt_length)
     width = prompt_length if padded_length is None else padded_length
-    if width + self.gen_length > max_seq_len:
-      bad("gen_length", f"at most model.max_seq_len - prompt length = {max_seq_len - width}", self.gen_length)
+    _check_fits(width, self.gen_length, max_seq_len)
     if self.kv_cache not in KV_CACHES:
       bad("kv_cache", f"one of {KV_CACHES}", self.kv_cache)
 
@@ -413,9 +423,8 @@ def generate_causal(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, p
   if prompt_length < 1:
     _bad("prompt", "at least one token long (the first token is predicted from the last prompt token)",
          prompt_length)
-  limit = max_seq_len if max_seq_len is not None else P + gen_length
-  if P + gen_length > limit:
-    _bad("gen_length", f"at most model.max_seq_len - prompt length = {limit - P}", gen_length)
+  if max_seq_len is not None:
+    _check_fits(P, gen_length, max_seq_len)
   rng = jax.random.key(0) if rng is None else rng
   return _generate_causal(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng,
                           gen_length=gen_length, temperature=float(temperature), mask_id=mask_id,

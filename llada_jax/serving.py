@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, model as model_lib, sampling, sharding
+from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
 from llada_jax.config import Config, from_config_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
@@ -130,18 +130,27 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
 
   Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same).
   """
+  if not files.is_remote(workdir) and not files.path(workdir).exists():
+    raise FileNotFoundError(f"workdir {workdir} does not exist: give the --workdir of a training run "
+                            "(llada-train) or of a conversion (llada-convert)")
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (llada-train --workdir=...)")
-  config = from_config_dict(ckpt.restore_config(step))
-  model_cfg = dataclasses.replace(config.model, scan_layers=jax.default_backend() == "cpu")
-  graphdef, abstract = model_lib.abstract_model(model_cfg)
-  mesh = sharding.make_mesh(config.mesh) if _mesh_fits(config) else sharding.make_mesh(
-      dataclasses.replace(config.mesh, data=1, fsdp=-1, tensor=1))
-  shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
-  params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
-  ckpt.close()
+  try:  # closed on the error paths too
+    if step is None:
+      step = ckpt.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (llada-train --workdir=...)")
+    elif step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {step} in {ckpt.directory}; available steps: "
+                              f"{sorted(ckpt.all_steps())} (leave out --step for the latest)")
+    config = from_config_dict(ckpt.restore_config(step))
+    model_cfg = dataclasses.replace(config.model, scan_layers=jax.default_backend() == "cpu")
+    graphdef, abstract = model_lib.abstract_model(model_cfg)
+    mesh = sharding.make_mesh(config.mesh) if _mesh_fits(config) else sharding.make_mesh(
+        dataclasses.replace(config.mesh, data=1, fsdp=-1, tensor=1))
+    shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
+    params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
+  finally:
+    ckpt.close()
   tokenizer = tokenizer_lib.load(workdir)  # whichever kind the run kept: tokenizer.model or tokenizer.json
   return LoadedModel(dataclasses.replace(config, model=model_cfg), graphdef, params, tokenizer, step)
 

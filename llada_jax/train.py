@@ -260,12 +260,20 @@ def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState
   source = ckpt_lib.Checkpointer(config.train.init_from, read_only=True)
   step = source.latest_step()
   if step is None:
-    raise FileNotFoundError(f"config field 'train.init_from': no checkpoint in {source.directory}")
+    raise FileNotFoundError(f"config field 'train.init_from': no checkpoint in {source.directory}; train that "
+                            "run first, or point at a workdir whose checkpoints/ holds a step")
   _check_resume_config(config, source.restore_config(step), source.directory)
   params = source.restore_params(step, s.abstract_state.params)
   source.close()
   print(f"initialised parameters from step {step} of {source.directory}", flush=True)
   return state.replace(params=params)
+
+
+def _finish_writing(ckpt: ckpt_lib.Checkpointer) -> None:
+  try:
+    ckpt.wait()
+  except errors.RunHalted as e:
+    print(f"warning: {e}", file=sys.stderr, flush=True)
 
 
 class _NonfiniteWatch:
@@ -403,26 +411,33 @@ def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _P
   eval_batches = pipeline.build_eval_batches(config, tok) if config.train.eval_every else []
   preempted = False
   watch = _NonfiniteWatch(config.train, ckpt)
-  with sharding.use_rules(config.mesh, s.mesh):
-    for step in range(start, end):
-      state, m = s.step(state, global_batch(s, next(data_iter)))
-      done = step + 1
-      watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
-      preempted = stop_requested(done)
-      last_step = done == end or preempted
-      logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
-      if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
-        scores = validate(s, state.params, eval_batches)
-        writer.write(done, scores)
-        logger.progress.print(done, scores)
-      if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
-        ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
-      if preempted:
-        if jax.process_index() == 0:
-          print(f"stop requested (SIGTERM): saved step {done}; rerun the same command to resume", flush=True)
-        break
-    last = logger.flush()
-    ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
+  try:
+    with sharding.use_rules(config.mesh, s.mesh):
+      for step in range(start, end):
+        state, m = s.step(state, global_batch(s, next(data_iter)))
+        done = step + 1
+        watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
+        preempted = stop_requested(done)
+        last_step = done == end or preempted
+        logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
+        if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
+          scores = validate(s, state.params, eval_batches)
+          writer.write(done, scores)
+          logger.progress.print(done, scores)
+        if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
+          ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
+        if preempted:
+          if jax.process_index() == 0:
+            print(f"stop requested (SIGTERM): saved step {done}; rerun the same command to resume", flush=True)
+          break
+      last = logger.flush()
+      ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
+  except (Exception, KeyboardInterrupt) as e:
+    # An error mid-run (bad data, Ctrl-C, a halt) still lets a checkpoint being written complete,
+    # unless writing is what failed.
+    if not isinstance(e, errors.RunHalted):
+      _finish_writing(ckpt)
+    raise
   ckpt.close()
   writer.close()
   # The causal baseline samples left to right (serving dispatches on model.causal).

@@ -13,68 +13,12 @@ import pytest
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
-import hf_fixtures
+from hf_fixtures import D, HEADS, LAYERS, VOCAB, write_hf_dir
 from llada_jax import evaluate, harness, hf, model as model_lib, serving, train
 from llada_jax.data import sft
 from llada_jax.config import MeshConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The `tiny` preset's shape (configs/default.py), so configs/sft_tiny.py can fine-tune the import.
-D, HEADS, KV, LAYERS, FFN, VOCAB = 32, 4, 2, 2, 64, 256
-
-
-def _hf_config(mask_id: int, eos_id: int) -> dict:
-  return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
-          "block_type": "llama", "layer_norm_type": "rms", "weight_tying": False, "include_bias": False,
-          "include_qkv_bias": False, "alibi": False, "rope": True, "d_model": D, "n_heads": HEADS,
-          "n_kv_heads": KV, "n_layers": LAYERS, "mlp_hidden_size": FFN, "vocab_size": VOCAB,
-          "embedding_size": VOCAB, "max_sequence_length": 4096, "rope_theta": 500000.0,
-          "rms_norm_eps": 1e-5, "mask_token_id": mask_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
-          "transformers_version": "4.46.3", "precision": "amp_bf16"}
-
-
-def _hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
-  """Random weights under the released names, PyTorch [out, in] layout; norms away from 1."""
-  rng = np.random.default_rng(seed)
-  h = D // HEADS
-  mat = lambda *s: (0.3 * rng.standard_normal(s)).astype(np.float32)
-  norm = lambda: (1 + 0.2 * rng.standard_normal(D)).astype(np.float32)
-  w = {"model.transformer.wte.weight": mat(VOCAB, D)}
-  for i in range(LAYERS):
-    p = f"model.transformer.blocks.{i}."
-    w.update({p + "attn_norm.weight": norm(), p + "q_proj.weight": mat(HEADS * h, D),
-              p + "k_proj.weight": mat(KV * h, D), p + "v_proj.weight": mat(KV * h, D),
-              p + "attn_out.weight": mat(D, HEADS * h), p + "ff_norm.weight": norm(),
-              p + "ff_proj.weight": mat(FFN, D), p + "up_proj.weight": mat(FFN, D),
-              p + "ff_out.weight": mat(D, FFN)})
-  w["model.transformer.ln_f.weight"] = norm()
-  w["model.transformer.ff_out.weight"] = mat(VOCAB, D)
-  return w
-
-
-def write_hf_dir(folder, *, dtype=np.float32, num_files: int = 1, name_index: bool = True, seed: int = 0):
-  """A complete LLaDA-layout directory; returns (weights as written, config, tokenizer ids)."""
-  os.makedirs(folder, exist_ok=True)
-  ids = hf_fixtures.write_hf_tokenizer(folder)
-  config = _hf_config(ids["<|mdm_mask|>"], ids["<|endoftext|>"])
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f)
-  weights = {k: v.astype(dtype) for k, v in _hf_weights(seed).items()}
-  names = list(weights)
-  chunks = np.array_split(np.arange(len(names)), num_files)
-  files = ([f"model-{i + 1:05d}-of-{num_files:05d}.safetensors" for i in range(num_files)]
-           if num_files > 1 else ["model.safetensors"])
-  weight_map = {}
-  for file, chunk in zip(files, chunks):
-    st_numpy.save_file({names[j]: weights[names[j]] for j in chunk}, os.path.join(folder, file),
-                       metadata={"format": "pt"})
-    weight_map.update({names[j]: file for j in chunk})
-  if num_files > 1 and name_index:
-    with open(os.path.join(folder, hf.INDEX_FILE), "w") as f:
-      json.dump({"metadata": {}, "weight_map": weight_map}, f)
-  return weights, config, ids
-
-
 def reference_logits(w: dict[str, np.ndarray], cfg: dict, tokens_BT: np.ndarray,
                      valid_BT: np.ndarray) -> np.ndarray:
   """The released architecture (REFERENCE §1) in float64 NumPy, on the HF tensors as stored."""

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from llada_jax import serving
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an SFT run.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
@@ -43,7 +43,7 @@ def main(argv):
 
 def run():
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-chat"))
 
 
 if __name__ == "__main__":

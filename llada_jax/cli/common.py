@@ -5,7 +5,7 @@ import os
 import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 
 from llada_jax import errors
 
@@ -83,8 +83,8 @@ def _one_line_hook(prog: str):
 
 
 def user_errors(prog: str):
-  """Wraps an absl `main`: a ValueError / FileNotFoundError / FileExistsError (bad config, flag, file),
-  the ImportError of a missing optional extra or an errors.RunHalted (a failed checkpoint write, a
+  """Wraps an absl `main`: a ValueError / OSError (bad config, file, path), a usage error, the
+  ImportError of a missing optional extra or an errors.RunHalted (a failed checkpoint write, a
   non-finite streak) becomes one line on stderr and exit code 1; `--verbose`
   shows the traceback instead. Orbax's per-save INFO logs are muted, and library log records keep
   their one-line message but drop their tracebacks (a failed background write logs one) unless
@@ -99,15 +99,15 @@ def user_errors(prog: str):
         sys.unraisablehook = lambda u: sys.excepthook(u.exc_type, u.exc_value, u.exc_traceback)
       try:
         return main(argv)
-      except (ValueError, FileNotFoundError, FileExistsError, ImportError, errors.RunHalted) as e:
+      except (ValueError, OSError, ImportError, app.UsageError, errors.RunHalted) as e:
         if VERBOSE.value:
           raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, errors.RunHalted):
-          # Background writer threads are failing too; an orderly shutdown would wait for them and
-          # print their errors after this line. The good checkpoints are already complete on disk.
-          sys.stdout.flush()
-          os._exit(1)
-        return 1
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        # Exit now: an orderly shutdown would let Orbax/tensorstore threads print their own errors after
+        # this line. Nothing is left half-written: the train loop finishes an in-flight save before
+        # its error gets here, and failed writes never replace a complete step.
+        sys.stdout.flush()
+        os._exit(1)
     return inner
   return wrap

@@ -12,7 +12,7 @@ extra (`pip install 'llada_jax[hf]'`: safetensors, tokenizers).
 from absl import app, flags
 
 from llada_jax import hf
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Folder with config.json, *.safetensors and tokenizer files.")
 _OUT = flags.DEFINE_string("out", None, "New workdir to write (local path or gs://).")
@@ -38,7 +38,7 @@ def main(argv):
 
 def run():
   flags.mark_flags_as_required(["hf_dir", "out"])
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-convert"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 
 from llada_jax import sampling
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -114,7 +114,7 @@ def main(argv):
 
 def run():
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-eval"))
 
 
 if __name__ == "__main__":

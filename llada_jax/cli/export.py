@@ -10,7 +10,7 @@ copy the released `modeling_llada.py` and `configuration_llada.py` beside them (
 from absl import app, flags
 
 from llada_jax import hf
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training (or converted) workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -31,7 +31,7 @@ def main(argv):
 
 def run():
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-export"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ With --workdir it only evaluates those training workdirs (diffusion or causal, r
 from absl import app, flags
 
 from llada_jax import reversal
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _D = reversal.Settings()
 _OUT = flags.DEFINE_string("output_dir", "/tmp/llada_reversal",
@@ -58,7 +58,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-reversal"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 from absl import app, flags
 
 from llada_jax import sampling, serving, visualize
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -41,9 +41,15 @@ def _prompts() -> tuple[list[str], list[list[int]] | None]:
   if _PROMPT_FILE.value:
     try:
       with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-        texts += [line.rstrip("\n") for line in f if line.strip()]
+        from_file = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
       raise FileNotFoundError(f"--prompt_file {_PROMPT_FILE.value}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+      raise ValueError(f"--prompt_file {_PROMPT_FILE.value} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not from_file:
+      raise ValueError(f"--prompt_file {_PROMPT_FILE.value} holds no prompt (only empty lines); write one "
+                       "prompt per line")
+    texts += from_file
   if _PROMPT_IDS.value:
     try:
       return [], [[int(i) for i in _PROMPT_IDS.value]]
@@ -57,7 +63,8 @@ def _prompts() -> tuple[list[str], list[list[int]] | None]:
 @common.user_errors("llada-sample")
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}: give a prompt as --prompt='TEXT' (quoted), and every "
+                     "other option as --flag=value")
   texts, ids = _prompts()
   model = serving.load(_WORKDIR.value, _STEP.value)
   chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
@@ -85,7 +92,7 @@ def main(argv):
 
 def run():
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-sample"))
 
 
 if __name__ == "__main__":

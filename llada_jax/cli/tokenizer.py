@@ -14,7 +14,7 @@ piece and the chat-template pieces) at fixed ids; `--extra_pieces` adds more.
 from absl import app, flags
 
 from llada_jax import config as config_lib
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 from llada_jax.data import sources, tokenizer as tokenizer_lib
 
 _INPUT = flags.DEFINE_list("input", [], "train: files or globs (comma-separated).")
@@ -62,7 +62,8 @@ def _load() -> tokenizer_lib.Tokenizer:
 @common.user_errors("llada-tokenizer")
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("train", "encode", "decode"):
-    raise app.UsageError(_USAGE)
+    got = f"got {argv[1:]}" if len(argv) > 1 else "got none"
+    raise ValueError(f"give one command, train, encode or decode; {got} ({_USAGE})")
   if argv[1] == "train":
     _train()
   elif argv[1] == "encode":
@@ -79,7 +80,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-tokenizer"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from llada_jax import config as config_lib
 from llada_jax import plan, train
-from llada_jax.cli import common
+from llada_jax.cli import common, parsing
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/demo.py).",
                                           lock_config=True)
@@ -61,7 +61,7 @@ def main(argv):
 
 def run():
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parsing.flags_parser("llada-train"))
 
 
 if __name__ == "__main__":

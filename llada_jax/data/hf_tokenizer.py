@@ -40,17 +40,19 @@ class HFTokenizer:
   tok.piece_to_id("<|eot_id|>").
   """
 
-  def __init__(self, texts: Mapping[str, str], where: str = ""):
+  def __init__(self, texts: Mapping[str, str], where: str = "", json_name: str = TOKENIZER_JSON):
     """`texts`: file name -> contents of tokenizer.json and, optionally, the two config files;
-    `where` (their folder) only makes error messages name whole paths."""
-    self._texts, self._where = dict(texts), where
+    `where` (their folder) and `json_name` (what tokenizer.json is called there) only make error
+    messages name whole paths."""
+    self._texts, self._where, self._json_name = dict(texts), where, json_name
     if TOKENIZER_JSON not in texts:
       raise ValueError(f"no {TOKENIZER_JSON} given (files: {sorted(texts)})")
     tokenizers = _tokenizers()
     try:
       self._tok = tokenizers.Tokenizer.from_str(texts[TOKENIZER_JSON])
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-      raise ValueError(f"{self._name(TOKENIZER_JSON)} is not a usable Hugging Face tokenizer: {e}") from e
+      raise ValueError(f"{self._name(TOKENIZER_JSON)} is not a usable Hugging Face tokenizer ({e}); expected a "
+                       "tokenizer.json as the Hugging Face tokenizers library saves it") from e
     self._tok.encode_special_tokens = True  # see the class docstring; not serialised, hence __setstate__
     self._tok_special = None
     configs = {name: self._json(name) for name in (SPECIAL_MAP_JSON, CONFIG_JSON) if name in texts}
@@ -63,6 +65,7 @@ class HFTokenizer:
     self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
   def _name(self, file: str) -> str:
+    file = self._json_name if file == TOKENIZER_JSON else file
     return f"{self._where.rstrip('/')}/{file}" if self._where else file
 
   def _json(self, file: str) -> dict:
@@ -127,10 +130,10 @@ class HFTokenizer:
 
   # grain pickles the pipeline for worker processes; `encode_special_tokens` would not survive a pickle.
   def __getstate__(self) -> dict:
-    return {"texts": self._texts, "where": self._where}
+    return {"texts": self._texts, "where": self._where, "json_name": self._json_name}
 
   def __setstate__(self, state: dict) -> None:
-    self.__init__(state["texts"], state["where"])
+    self.__init__(state["texts"], state["where"], state.get("json_name", TOKENIZER_JSON))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -144,4 +147,4 @@ class HFTokenizer:
     for name in (CONFIG_JSON, SPECIAL_MAP_JSON):
       if (file.parent / name).exists():
         texts[name] = (file.parent / name).read_text()
-    return cls(texts, os.fspath(file.parent))
+    return cls(texts, os.fspath(file.parent), file.name)

@@ -47,7 +47,12 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern, recursive=True))
     files = [m for m in matches if os.path.isfile(m)]
     if not files:
-      hint = " (it is a directory; use a glob such as 'dir/*.txt')" if os.path.isdir(pattern) else ""
+      if os.path.isdir(pattern):
+        hint = " (it is a directory; use a glob such as 'dir/*.txt')"
+      elif not os.path.isabs(pattern):
+        hint = f" (relative paths start from the current directory, {os.getcwd()})"
+      else:
+        hint = ""
       raise FileNotFoundError(f"data.paths entry {pattern!r} matches no file{hint}")
     for f in files:
       if f not in seen:

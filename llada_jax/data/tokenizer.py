@@ -67,7 +67,8 @@ class SentencePieceTokenizer:
     self.bos_id = self._sp.bos_id()
     self.mask_id = self._sp.piece_to_id(MASK_PIECE)
     if self.mask_id == self._sp.unk_id():
-      raise ValueError(f"tokenizer has no mask piece {MASK_PIECE!r}")
+      raise ValueError(f"tokenizer has no mask piece {MASK_PIECE!r}; train one with llada-tokenizer train, "
+                       "which adds the pieces llada_jax needs")
 
   @property
   def vocab_size(self) -> int:
@@ -101,11 +102,15 @@ class SentencePieceTokenizer:
   def load(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
     path = files.path(path)
     if not path.exists():
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
+      raise FileNotFoundError(f"tokenizer file not found: {path} (give a sentencepiece .model, a Hugging Face "
+                              "tokenizer.json, or a folder holding one)")
     data = path.read_bytes()
     try:
       return cls(data)
-    except (RuntimeError, ValueError) as e:
+    except RuntimeError as e:  # sentencepiece's parse failure: its text names only its own source line
+      raise ValueError(f"tokenizer file {path} is not a sentencepiece model (it does not parse); expected a "
+                       ".model file written by llada-tokenizer train") from e
+    except ValueError as e:
       raise ValueError(f"tokenizer file {path} is not a usable sentencepiece model: {e}") from e
 
 
