@@ -5,8 +5,8 @@ to a temporary directory and renames it when complete), so a crash mid-save leav
 step intact. Restores go into an abstract target that carries the *current* mesh's shardings, so a run
 can resume on a different device layout.
 
-Integrity: each step also stores a checksum of every array it holds (item "integrity": two position-
-weighted sums of the array's raw bits, computed on the devices at save time). A restore recomputes them
+Integrity: each step also stores every array's shape and checksum (item "integrity": a plain and a
+position-weighted sum of the array's raw bits, computed on the devices at save time). A restore recomputes them
 and refuses a step whose bytes changed on disk, naming the array; `restore_latest_good` then moves that
 step aside (to `checkpoints_corrupt/`, never deleted) and falls back to the previous one. A failed
 write (a full disk, say) raises `errors.RunHalted` naming the step and the last complete one.
@@ -22,7 +22,6 @@ from typing import Any, Callable
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -44,13 +43,23 @@ def _as_dict(state: Any) -> Any:
   return state
 
 
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Each element's row-major position (mod 2^32), built from iotas: no reshape, so a sharded array
+  is never gathered to compute it."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+    stride *= shape[d]
+  return index
+
+
 @jax.jit
 def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
   out = []
   for x in leaves:
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    words = jax.lax.bitcast_convert_type(x.reshape(-1), bits).astype(jnp.uint32)
-    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    words = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+    weights = _flat_index(x.shape) * jnp.uint32(2) + jnp.uint32(1)
     out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]))
   return out
 

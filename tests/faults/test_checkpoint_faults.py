@@ -125,6 +125,9 @@ def test_checksums_change_with_any_bit_and_with_swapped_words():
   rng = np.random.default_rng(0)
   tree = {"w": rng.standard_normal((64, 8)).astype(np.float32), "b": rng.standard_normal(5).astype(jax.numpy.bfloat16)}
   base = ckpt_lib.checksums(tree)
+  words = tree["w"].reshape(-1).view(np.uint32).astype(np.uint64)  # an independent NumPy reference
+  weights = np.arange(words.size, dtype=np.uint64) * 2 + 1
+  assert base["['w']"] == ["float32", int(words.sum() % 2**32), int((words * weights).sum() % 2**32)]
   for leaf, index, bit in (("w", 0, 0), ("w", 511, 31), ("w", 200, 7), ("b", 4, 15)):
     damaged = {k: v.copy() for k, v in tree.items()}
     words = damaged[leaf].reshape(-1).view(np.uint32 if leaf == "w" else np.uint16)
