@@ -303,18 +303,23 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, dict[str,
   import numpy as np
   import orbax.checkpoint as ocp
 
-  logging.getLogger("absl").setLevel(logging.ERROR)  # "Metadata file does not exist" for a bare item
   folder = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit())
   step = steps[-1] if step is None else step
   path = os.path.join(folder, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = checkpointer.restore(path, restore_args=restore_args)
-  checkpointer.close()
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" for a bare item
+  try:  # (the caller's logging is left as it was: tests read warnings in the same process)
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(path, restore_args=restore_args)
+    checkpointer.close()
+  finally:
+    absl_logger.setLevel(level)
   flat, _ = jax.tree_util.tree_flatten_with_path(state)
   return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
 
