@@ -125,3 +125,16 @@ def write_hf_dir(folder, *, dtype=np.float32, num_files: int = 1, name_index: bo
     with open(os.path.join(folder, hf.INDEX_FILE), "w") as f:
       json.dump({"metadata": {}, "weight_map": weight_map}, f)
   return weights, config, ids
+
+
+def edit_json(path: str | os.PathLike, **changes) -> None:
+  """Sets (or, with None, removes) top-level keys of a JSON file: malformed-folder tests."""
+  with open(path) as f:
+    data = json.load(f)
+  for key, value in changes.items():
+    if value is None:
+      data.pop(key)
+    else:
+      data[key] = value
+  with open(path, "w") as f:
+    json.dump(data, f)

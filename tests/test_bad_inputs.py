@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from hf_fixtures import write_hf_dir
+from hf_fixtures import edit_json, write_hf_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "errors.md")
@@ -261,17 +261,6 @@ def _write(path: str, data: str | bytes) -> str:
   return path
 
 
-def _edit_json(path: str, **changes) -> None:
-  with open(path) as f:
-    data = json.load(f)
-  for key, value in changes.items():
-    if value is None:
-      data.pop(key)
-    else:
-      data[key] = value
-  _write(path, json.dumps(data))
-
-
 def _edit_safetensors(path: str, change) -> None:
   from safetensors import numpy as st_numpy
   tensors = st_numpy.load_file(path)
@@ -327,8 +316,8 @@ def write_inputs(root: str) -> dict[str, str]:
     paths[name] = folder
 
   broken("HF_NO_CONFIG", lambda d: os.remove(f"{d}/config.json"))
-  broken("HF_NO_KEY", lambda d: _edit_json(f"{d}/config.json", n_heads=None))
-  broken("HF_TIED", lambda d: _edit_json(f"{d}/config.json", weight_tying=True))
+  broken("HF_NO_KEY", lambda d: edit_json(f"{d}/config.json", n_heads=None))
+  broken("HF_TIED", lambda d: edit_json(f"{d}/config.json", weight_tying=True))
   broken("HF_PICKLE", lambda d: (os.remove(f"{d}/model.safetensors"),
                                  _write(f"{d}/pytorch_model.bin", b"\x80\x04not really a pickle")))
   broken("HF_NO_TENSOR", lambda d: _edit_safetensors(
@@ -337,7 +326,7 @@ def write_inputs(root: str) -> dict[str, str]:
       f"{d}/model.safetensors", lambda t: t.update({"model.transformer.blocks.0.k_proj.weight":
                                                         np.zeros((32, 32), np.float32)})))
   broken("HF_TRUNCATED", lambda d: os.truncate(f"{d}/model.safetensors", 100_000))
-  broken("HF_BAD_MASK", lambda d: _edit_json(f"{d}/tokenizer_config.json", mask_token="<|no_such_piece|>"))
+  broken("HF_BAD_MASK", lambda d: edit_json(f"{d}/tokenizer_config.json", mask_token="<|no_such_piece|>"))
   return paths
 
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
-from hf_fixtures import D, HEADS, LAYERS, VOCAB, write_hf_dir
+from hf_fixtures import D, HEADS, LAYERS, VOCAB, edit_json, write_hf_dir
 from llada_jax import evaluate, harness, hf, model as model_lib, serving, train
 from llada_jax.data import sft
 from llada_jax.config import MeshConfig
@@ -183,16 +183,7 @@ def no_reads(monkeypatch):
 
 
 def _edit_config(folder, **changes):
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  for key, value in changes.items():
-    if value is None:
-      cfg.pop(key)
-    else:
-      cfg[key] = value
-  with open(path, "w") as f:
-    json.dump(cfg, f)
+  edit_json(os.path.join(folder, "config.json"), **changes)
 
 
 def _rewrite(folder, change):
