@@ -69,7 +69,7 @@ def base() -> ml_collections.ConfigDict:
   da.tfds_split = "train"    # TFDS split, e.g. "train" or "train[:90%]"
   da.tfds_eval_split = ""    # held-out TFDS split for validation, e.g. "validation" or "train[90%:]"
   da.tfds_data_dir = ""      # TFDS data_dir ("" = TFDS default)
-  da.on_bad_record = "raise"  # a malformed JSONL line: raise (naming file:line) or skip and count
+  da.on_bad_record = "error"  # a bad text/JSONL line (not UTF-8/JSON): error naming file:line, or skip + count
   da.sft_format = "messages"  # SFT JSONL: {"messages": [...]} conversations, or prompt/response pairs
   da.prompt_field = "prompt"  # SFT pairs: prompt field
   da.response_field = "response"  # SFT pairs: response field

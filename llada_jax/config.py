@@ -176,7 +176,7 @@ class DataConfig:
   tfds_split: str = "train"
   tfds_eval_split: str = ""
   tfds_data_dir: str = ""
-  on_bad_record: str = "raise"
+  on_bad_record: str = "error"
   sft_format: str = "messages"
   prompt_field: str = "prompt"
   response_field: str = "response"
@@ -200,7 +200,7 @@ class DataConfig:
     if self.source == "tfds" and not self.tfds_name:
       _fail(f"{s}.tfds_name", "a TFDS dataset name (e.g. 'lm1b') for data.source='tfds'", self.tfds_name)
     _check_choice(s, "text_unit", self.text_unit, ("line", "file"))
-    _check_choice(s, "on_bad_record", self.on_bad_record, ("raise", "skip"))
+    _check_choice(s, "on_bad_record", self.on_bad_record, ("error", "skip"))
     _check_choice(s, "sft_format", self.sft_format, ("messages", "pairs"))
     _check_choice(s, "tokenizer_model_type", self.tokenizer_model_type, ("bpe", "unigram"))
     for name in ("text_field", "prompt_field", "response_field", "tfds_split"):

@@ -130,6 +130,8 @@ CASES = [
          "holds no documents"),
     Case("data_binary_as_text", "data file", _data("text", "{DATA}/garbage.bin"), "{DATA}/garbage.bin:1",
          "not valid UTF-8"),
+    Case("data_text_invalid_utf8_line", "data file", _data("text", "{DATA}/bad_utf8.txt"),
+         "{DATA}/bad_utf8.txt:3: not valid UTF-8", "data.on_bad_record='skip'"),
     Case("data_binary_as_array_record", "data file",
          _data("array_record", "{DATA}/garbage.bin", "--config.data.tokenizer_path={W}/tokenizer.model"),
          "{DATA}/garbage.bin: not a readable ArrayRecord file", "expects files written by"),
@@ -279,6 +281,7 @@ def write_inputs(root: str) -> dict[str, str]:
   _write(f"{data}/other_field.jsonl", '{"body": "a b c"}\n')
   _write(f"{data}/empty.txt", "")
   _write(f"{data}/garbage.bin", bytes(range(128, 256)) * 64)
+  _write(f"{data}/bad_utf8.txt", b"the quiet cat sees the old dog\nthe red king\nwalks \xff near\nthe river\n" * 20)
   _write(f"{data}/no_answer.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
   _write(f"{data}/no_response.jsonl", json.dumps({"prompt": "hi"}) + "\n")
   _write(f"{data}/blank.txt", "\n   \n\n")
@@ -393,6 +396,8 @@ def test_bad_input_fails_in_one_line_naming_it(catalogue, case):
   assert r.returncode != 0, shown
   assert "Traceback" not in r.stderr, shown
   lines = _lines(r.stderr)
+  # No native wrapper's text either (sentencepiece's "RuntimeError: INTERNAL" with its "At:" stack).
+  assert "INTERNAL" not in r.stderr and not any(line.startswith("At:") for line in lines), shown
   assert lines and lines[-1].startswith(f"{prog}: error: "), shown
   assert sum(line.startswith(f"{prog}: error:") for line in lines) == 1, shown
   assert fill(case.names, paths) in lines[-1], shown

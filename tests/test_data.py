@@ -65,6 +65,14 @@ def test_bad_tokenizer_file_names_the_file(tmp_path):
     tokenizer.SentencePieceTokenizer.load(str(tmp_path / "missing.model"))
 
 
+def test_tokenizer_training_reraises_the_data_error_not_sentencepieces():
+  def sentences():  # e.g. a source whose file went bad after it was indexed
+    yield from ["the quiet cat"] * 50
+    raise ValueError("a.txt:51: not valid UTF-8")
+  with pytest.raises(ValueError, match=r"^a\.txt:51: not valid UTF-8$"):
+    tokenizer.train_sentencepiece(sentences(), 64)
+
+
 def test_packing_concatenates_documents_with_eos(docs_and_tok):
   docs, tok = docs_and_tok
   ds = pipeline.packed_dataset(docs, tok.encode, eos_id=tok.eos_id, seq_len=16, batch_size=4, seed=0)

@@ -90,10 +90,49 @@ def test_line_index_matches_python_across_chunk_boundaries(tmp_path, monkeypatch
 
 def test_text_invalid_utf8_names_file_and_line(tmp_path):
   path = _write(tmp_path / "bad.txt", b"fine\nalso fine\nbroken \xff here\n")
+  with pytest.raises(ValueError, match=rf"{path}:3: not valid UTF-8 .*data.on_bad_record='skip'"):
+    sources.TextSource([path])  # found while indexing, before any document is read
+  with pytest.raises(ValueError, match=rf"{path}:3: not valid UTF-8"):
+    sources.TextSource([path], unit="file")
+  # A file that goes bad after it was indexed still fails with its file and line when read.
+  _write(path, b"fine\nalso fine\nbroken  X here\n")
   src = sources.TextSource([path])
+  _write(path, b"fine\nalso fine\nbroken \xff here\n")
   assert src[0] == "fine"
   with pytest.raises(ValueError, match=rf"{path}:3: not valid UTF-8"):
     src[2]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_text_skip_mode_drops_and_counts_invalid_utf8(tmp_path, monkeypatch, chunk, caplog):
+  monkeypatch.setattr(sources, "_DECODE_WINDOW", chunk)  # windows cut multi-byte characters
+  monkeypatch.setattr(sources, "_CHUNK", chunk)
+  lines = [b"caf\xc3\xa9 ok", b"bad \xff", b"", b"\xe2\x82 cut short", b"\xf0\x9f\x98\x80 fine",
+           b"\xc3", b"last \xc3\xa9\xed\xa0\x80"]  # \xed\xa0\x80: a surrogate, not UTF-8
+  a = _write(tmp_path / "a.txt", b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\n")
+  b = _write(tmp_path / "b.txt", b"one\ntwo \xfe")  # no final newline
+  with caplog.at_level("WARNING"):
+    src = sources.TextSource([a, b], on_error="skip")
+  assert _docs(src) == ["café ok", "\U0001F600 fine", "one"]
+  assert src.num_skipped == 5
+  assert src.skipped_examples == [f"{a}:{n}" for n in (2, 4, 6, 7)] + [f"{b}:2"]
+  assert "text: skipped 5 bad records (data.on_bad_record='skip')" in caplog.text
+  files = sources.TextSource([a, b], unit="file", on_error="skip")
+  assert len(files) == 0 and files.num_skipped == 2 and files.skipped_examples == [f"{a}:2", f"{b}:2"]
+  good = sources.TextSource([_write(tmp_path / "c.txt", "ok\n")], on_error="skip")
+  assert good.num_skipped == 0 and good.skipped_examples == []
+
+
+def test_bad_record_policy_takes_error_or_skip_only(tmp_path):
+  path = _write(tmp_path / "a.txt", "x\n")
+  for make in (lambda p: sources.TextSource([path], on_error=p),
+               lambda p: sources.JsonlSource([_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])], on_error=p)):
+    with pytest.raises(ValueError, match=r"data\.on_bad_record.*\('error', 'skip'\); got 'raise'"):
+      make("raise")
+    assert len(make("error")) == len(make("skip")) == 1
+  with pytest.raises(ValueError, match=r"data\.on_bad_record"):
+    DataConfig(on_bad_record="raise")
+  assert DataConfig().on_bad_record == "error"
 
 
 # --- JSONL -----------------------------------------------------------------------------------------
@@ -136,6 +175,16 @@ def test_jsonl_skip_mode_counts(tmp_path):
   assert _docs(src) == ["a", "b"]
   assert src.num_skipped == 4
   assert src.skipped_examples == [f"{path}:{n}" for n in (2, 3, 5, 6)]
+
+
+def test_jsonl_policy_covers_invalid_utf8_and_logs_the_count(tmp_path, caplog):
+  path = _write(tmp_path / "a.jsonl", b'{"text": "a"}\n{"text": "bad \xff"}\n{"text": "b"}\n{oops\n')
+  with pytest.raises(ValueError, match=rf"{path}:2: not valid UTF-8 .*data.on_bad_record='skip'"):
+    sources.JsonlSource([path], on_error="error")
+  with caplog.at_level("WARNING"):
+    src = sources.JsonlSource([path], on_error="skip")
+  assert _docs(src) == ["a", "b"] and src.skipped_examples == [f"{path}:2", f"{path}:4"]
+  assert f"JSONL: skipped 2 bad records (data.on_bad_record='skip'), e.g. {path}:2, {path}:4" in caplog.text
 
 
 def test_jsonl_records_with_a_validator(tmp_path):

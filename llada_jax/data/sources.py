@@ -7,12 +7,19 @@ Sources are pickled when grain ships a pipeline to its prefetch workers, so they
 numpy offset indexes; file descriptors are opened lazily in whichever process reads, never pickled. File
 sources index their files once, at construction (byte offsets, one vectorized pass per file), and read
 a document with one positional read.
+
+A record that cannot become a document (text that is not UTF-8; a JSONL line that is not JSON, not an
+object, or fails its check) is found while indexing, before training starts, and handled by one policy,
+`data.on_bad_record`: 'error' stops with "path:line: what is wrong", 'skip' leaves it out and logs how
+many were dropped (the first few as "path:line").
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
+import mmap
 import operator
 import os
 import threading
@@ -28,6 +35,8 @@ _CHUNK = 1 << 26             # bytes per read while indexing: bounds memory on m
 _BOM = b"\xef\xbb\xbf"       # a UTF-8 byte-order mark some editors put at the start of a file
 _MAX_OPEN_FILES = 256        # beyond this many files, open/close per read instead of caching fds
 _MAX_SKIPPED_EXAMPLES = 5
+_DECODE_WINDOW = 1 << 22     # bytes decoded at a time while checking UTF-8: bounds the str it makes
+ON_BAD_RECORD = ("error", "skip")  # the values of data.on_bad_record
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
@@ -170,29 +179,83 @@ def _read_head(path: str, n: int) -> bytes:
     return f.read(n)
 
 
-def _line_number(path: str, offset: int) -> int:
-  """1-based number of the line holding byte `offset` (only on error paths: it rereads the file)."""
-  count, done = 0, 0
+def _line_numbers(path: str, offsets: Sequence[int]) -> list[int]:
+  """1-based numbers of the lines holding the byte `offsets` (error paths only: it rereads the file)."""
+  newlines, size = [], 0
+  end = max(offsets, default=0)
   with open(path, "rb") as f:
-    while done < offset:
-      chunk = f.read(min(_CHUNK, offset - done))
-      if not chunk:
-        break
-      count += chunk.count(b"\n")
-      done += len(chunk)
-  return count + 1
+    while size < end and (chunk := f.read(min(_CHUNK, end - size))):
+      newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+      size += len(chunk)
+  nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+  return [int(np.searchsorted(nl, o, side="left")) + 1 for o in offsets]  # '\n's before each offset
+
+
+def _invalid_utf8(path: str, starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int, str]]:
+  """(document index, byte offset, reason) for each document [starts[k], ends[k]) of `path` that is not
+  valid UTF-8, in file order.
+
+  One strict decode of the whole file, which is valid exactly when every document is: '\n' and '\r'
+  (where documents are cut) never occur inside a multi-byte sequence, so each bad byte lies in one
+  document. After a bad byte the decode resumes at the end of its document.
+  """
+  size = os.path.getsize(path)
+  if size == 0:
+    return []
+  window = max(_DECODE_WINDOW, 8)  # > 3: a window always decodes at least one (possibly partial) character
+  out = []
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    pos = 0
+    while pos < size:
+      piece = data[pos:pos + window]
+      try:
+        _, used = codecs.utf_8_decode(piece, "strict", pos + len(piece) >= size)
+        pos += used
+      except UnicodeDecodeError as e:
+        bad = pos + e.start
+        k = int(np.searchsorted(ends, bad, side="right"))  # the document with start <= bad < end
+        out.append((k, bad, e.reason))
+        pos = int(ends[k])
+  return out
+
+
+class _BadRecords:
+  """The data.on_bad_record policy for one source: 'error' raises on the first bad record, 'skip'
+  counts them (keeping the first few locations) and `report` logs the count."""
+
+  def __init__(self, policy: str):
+    if policy not in ON_BAD_RECORD:
+      raise ValueError(f"config field 'data.on_bad_record' must be one of {ON_BAD_RECORD}; got {policy!r}")
+    self.policy = policy
+    self.count = 0
+    self.examples: list[str] = []
+
+  def found(self, where: str, problem: str) -> None:
+    if self.policy == "error":
+      raise ValueError(f"{where}: {problem} (set data.on_bad_record='skip' to skip bad records)")
+    self.count += 1
+    if len(self.examples) < _MAX_SKIPPED_EXAMPLES:
+      self.examples.append(where)
+
+  def report(self, kind: str) -> None:
+    if self.count:
+      logging.warning("%s: skipped %d bad records (data.on_bad_record='skip'), e.g. %s", kind, self.count,
+                      ", ".join(self.examples))
 
 
 class TextSource:
   """Documents from UTF-8 text files: every non-empty line (`unit='line'`) or every whole file ('file').
 
   Lines lose their terminator ('\\n' or '\\r\\n'); empty lines and empty files are not documents.
+  A document that is not valid UTF-8 raises ValueError("path:line: ...") with `on_error='error'`; with
+  'skip' it is left out and counted in `num_skipped` (the first few "path:line" in `skipped_examples`).
   Example: TextSource(["a.txt"]) over "x\\n\\ny\\n" -> ["x", "y"].
   """
 
-  def __init__(self, paths: Sequence[str], unit: str = "line"):
+  def __init__(self, paths: Sequence[str], unit: str = "line", on_error: str = "error"):
     if unit not in ("line", "file"):
       raise ValueError(f"config field 'data.text_unit' must be one of ('line', 'file'); got {unit!r}")
+    bad = _BadRecords(on_error)
     self.paths = expand_paths(paths)
     self.unit = unit
     starts, ends = [], []
@@ -203,8 +266,22 @@ class TextSource:
         size = os.path.getsize(path)
         first = 3 if size >= 3 and _read_head(path, 3) == _BOM else 0
         s, e = (np.array([first]), np.array([size])) if size > first else (np.zeros(0), np.zeros(0))
-      starts.append(s.astype(np.int64))
-      ends.append(e.astype(np.int64))
+      s, e = s.astype(np.int64), e.astype(np.int64)
+      invalid = _invalid_utf8(path, s, e)
+      if invalid:
+        # Line numbers only for what is shown: counting lines rereads the file.
+        shown = invalid[:1] if on_error == "error" else invalid[:_MAX_SKIPPED_EXAMPLES - len(bad.examples)]
+        lines = _line_numbers(path, [offset for _, offset, _ in shown])
+        for i, (_, offset, reason) in enumerate(invalid):
+          where = f"{path}:{lines[i]}" if i < len(lines) else path
+          bad.found(where, f"not valid UTF-8 ({reason} at byte {offset} of the file)")
+        keep = np.ones(len(s), bool)
+        keep[[k for k, _, _ in invalid]] = False
+        s, e = s[keep], e[keep]
+      starts.append(s)
+      ends.append(e)
+    bad.report("text")
+    self.num_skipped, self.skipped_examples = bad.count, bad.examples
     self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     self._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
     # Document i lives in the first file whose cumulative count exceeds i.
@@ -223,14 +300,15 @@ class TextSource:
     raw = self._reader.read(file_index, start, end - start)
     try:
       return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:  # checked at construction, so the file changed since
       path = self.paths[file_index]
-      line = _line_number(path, start) + raw.count(b"\n", 0, e.start)
+      line, = _line_numbers(path, [start + e.start])
       raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {start + e.start} of the "
-                       "file)") from None
+                       "file); was the file modified after it was indexed?") from None
 
   def __repr__(self) -> str:
-    return f"TextSource({len(self.paths)} files, unit={self.unit!r}, {len(self)} documents)"
+    return (f"TextSource({len(self.paths)} files, unit={self.unit!r}, {len(self)} documents, "
+            f"{self.num_skipped} skipped)")
 
 
 class JsonlRecords:
@@ -238,18 +316,14 @@ class JsonlRecords:
 
   Every line is parsed once at construction. A line that is not JSON, not an object, or that `validate`
   rejects (it returns an error message, or None for a good record) raises ValueError("path:line: ...")
-  with `on_error='raise'`; with 'skip' it is left out and counted in `num_skipped` (the first few
+  with `on_error='error'`; with 'skip' it is left out and counted in `num_skipped` (the first few
   "path:line" in `skipped_examples`). `validate` is used only here, so it need not be picklable.
   """
 
-  def __init__(self, paths: Sequence[str], on_error: str = "raise",
+  def __init__(self, paths: Sequence[str], on_error: str = "error",
                validate: Callable[[dict], str | None] | None = None):
-    if on_error not in ("raise", "skip"):
-      raise ValueError("config field 'data.on_bad_record' must be one of ('raise', 'skip'); "
-                       f"got {on_error!r}")
+    bad = _BadRecords(on_error)
     self.paths = expand_paths(paths)
-    self.num_skipped = 0
-    self.skipped_examples: list[str] = []
     starts, lengths, counts = [], [], []
     for path in self.paths:
       n_before = len(starts)
@@ -264,19 +338,13 @@ class JsonlRecords:
             continue
           err = self._check(body, validate)
           if err is not None:
-            where = f"{path}:{lineno}"
-            if on_error == "raise":
-              raise ValueError(f"{where}: {err} (set data.on_bad_record='skip' to skip bad records)")
-            self.num_skipped += 1
-            if len(self.skipped_examples) < _MAX_SKIPPED_EXAMPLES:
-              self.skipped_examples.append(where)
+            bad.found(f"{path}:{lineno}", err)
             continue
           starts.append(start)
           lengths.append(len(body))
       counts.append(len(starts) - n_before)
-    if self.num_skipped:
-      logging.warning("JSONL: skipped %d bad records (data.on_bad_record='skip'), e.g. %s",
-                      self.num_skipped, ", ".join(self.skipped_examples))
+    bad.report("JSONL")
+    self.num_skipped, self.skipped_examples = bad.count, bad.examples
     self._starts = np.asarray(starts, np.int64)
     self._lengths = np.asarray(lengths, np.int64)
     self._file_ends = np.cumsum(counts).astype(np.int64)
@@ -314,7 +382,7 @@ class JsonlRecords:
 class JsonlSource(JsonlRecords):
   """Text documents from JSONL: document i is the string `record[field]` of the i-th good line."""
 
-  def __init__(self, paths: Sequence[str], field: str = "text", on_error: str = "raise"):
+  def __init__(self, paths: Sequence[str], field: str = "text", on_error: str = "error"):
     self.field = field
     super().__init__(paths, on_error=on_error, validate=self._check_field)
 
@@ -494,7 +562,7 @@ class TfdsTextSource:
 def make_source(cfg: DataConfig) -> Sequence[Any]:
   """The pre-training document source `cfg.source` names; 'procedural' is built by the caller."""
   if cfg.source == "text":
-    source: Sequence[Any] = TextSource(cfg.paths, unit=cfg.text_unit)
+    source: Sequence[Any] = TextSource(cfg.paths, unit=cfg.text_unit, on_error=cfg.on_bad_record)
   elif cfg.source == "jsonl":
     source = JsonlSource(cfg.paths, field=cfg.text_field, on_error=cfg.on_bad_record)
   elif cfg.source == "array_record":

@@ -157,16 +157,49 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
   Special pieces come first (see the module docstring); `extra_pieces` are added after them.
   """
   buf = io.BytesIO()
+  sentences = _Recorded(sentences)
+  try:
+    _train(sentences, buf, vocab_size, model_type, extra_pieces)
+  except RuntimeError:
+    # sentencepiece turns an error raised by the iterator into "RuntimeError: INTERNAL" with a stack
+    # in its text; the iterator's own error (e.g. "path:line: ...") is the one to show.
+    if sentences.error is not None:
+      raise sentences.error from None
+    raise
+  tok = SentencePieceTokenizer(buf.getvalue())
+  assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.mask_id) == (PAD_ID, EOS_ID, BOS_ID, MASK_ID)
+  return tok
+
+
+class _Recorded:
+  """An iterator that keeps the exception its source raised, so it survives the trip through C++."""
+
+  def __init__(self, items: Iterable[str]):
+    self._it = iter(items)
+    self.error: BaseException | None = None
+
+  def __iter__(self) -> "_Recorded":
+    return self
+
+  def __next__(self) -> str:
+    try:
+      return next(self._it)
+    except StopIteration:
+      raise
+    except Exception as e:
+      self.error = e
+      raise
+
+
+def _train(sentences: Iterable[str], buf: io.BytesIO, vocab_size: int, model_type: str,
+           extra_pieces: Sequence[str]) -> None:
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+      sentence_iterator=sentences, model_writer=buf, vocab_size=vocab_size, model_type=model_type,
       pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
       user_defined_symbols=[MASK_PIECE, "\n", START_HEADER, END_HEADER, EOT, *extra_pieces],
       normalization_rule_name="identity",
       remove_extra_whitespaces=False, add_dummy_prefix=False, character_coverage=1.0, split_digits=True, byte_fallback=False,
       hard_vocab_limit=False, num_threads=1, minloglevel=2)
-  tok = SentencePieceTokenizer(buf.getvalue())
-  assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.mask_id) == (PAD_ID, EOS_ID, BOS_ID, MASK_ID)
-  return tok
 
 
 def load_or_train(workdir: str, sentences_fn, vocab_size: int, model_type: str = "bpe",
