@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import logging
 from typing import Any, Sequence
 
@@ -34,7 +35,7 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from llada_jax import evaluate, files, serving
+from llada_jax import evaluate, files, sampling_options, serving
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -46,24 +47,28 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task does not say
 class LladaLM(LM):
   """A llada_jax workdir (or an already `serving.load`ed model) behind lm-eval's `LM` interface.
 
-  Likelihood options are `evaluate.LikelihoodConfig`'s (mc_num, batch_size = Monte Carlo samples per
-  forward pass, estimator, cfg_scale, seed, max_rows). Generation options are `sampling.generate`'s:
-  gen_length (default: the task's `max_gen_toks`, rounded up to a multiple of block_length), steps
-  (default: gen_length, one token per step), block_length (default: gen_length, pure diffusion),
-  remasking, temperature, threshold, kv_cache; gen_batch_size prompts are sampled together. Answers
-  are cut to the task's `max_gen_toks` tokens and at its first `until` string. A causal model samples
-  left to right and ignores steps and block_length.
+  Likelihood options are `evaluate.LikelihoodConfig`'s: mc_num, batch_size (Monte Carlo samples per
+  forward pass), estimator, max_rows, and the shared cfg_scale and seed. Generation takes the sampling
+  options of every inference command, with their defaults (`sampling_options.OPTIONS`: gen_length,
+  steps, block_length, temperature, cfg_scale, remasking, threshold, suppress_eos_logit,
+  suppress_eos_confidence, early_exit, kv_cache, seed); an unknown keyword is a ValueError naming it.
+  Their rule for unset lengths (`sampling_options.resolve`) gets each request's budget here: gen_length
+  is the task's `max_gen_toks` (DEFAULT_MAX_GEN_TOKS when the task names none), rounded up to a
+  multiple of block_length; steps and block_length default to gen_length. Answers are cut to the
+  task's `max_gen_toks` tokens and at its first `until` string; a task's temperature / do_sample=false
+  overrides the temperature. gen_batch_size prompts are sampled together. A causal model samples left
+  to right and ignores steps and block_length.
   lm-eval's `device` and `max_batch_size` are accepted and ignored (JAX places the model itself).
   """
 
   def __init__(self, workdir: str | None = None, *, model: serving.LoadedModel | None = None,
                step: int | None = None, mc_num: int = 128, batch_size: int | str = 16, estimator: str = "l",
-               cfg_scale: float = 0.0, seed: int = 0, max_rows: int = 64, check_greedy: bool = False,
-               gen_length: int | None = None, steps: int | None = None, block_length: int | None = None,
-               remasking: str = "low_confidence", temperature: float = 0.0, threshold: float | None = None,
-               kv_cache: str = "none", gen_batch_size: int = 8, device: Any = None, max_batch_size: Any = None):
+               max_rows: int = 64, check_greedy: bool = False, gen_batch_size: int = 8, device: Any = None,
+               max_batch_size: Any = None, **options: Any):
     super().__init__()
     del device, max_batch_size
+    # Checked first: a misspelt option fails before minutes of restoring a big model.
+    self.options = sampling_options.parse(options, where="LladaLM", others=_KEYWORDS)
     if (workdir is None) == (model is None):
       raise ValueError("give exactly one of workdir=... (a training workdir) or model=... (serving.load's)")
     if workdir is not None and files.path(workdir).exists() and tokenizer_lib.find(
@@ -75,15 +80,12 @@ class LladaLM(LM):
     self.workdir = workdir
     self.likelihood = evaluate.LikelihoodConfig(
         mc_num=_int("mc_num", mc_num), batch_size=_int("batch_size", batch_size), estimator=estimator,
-        cfg_scale=float(cfg_scale), seed=_int("seed", seed), max_rows=_int("max_rows", max_rows))
+        cfg_scale=self.options["cfg_scale"], seed=self.options["seed"], max_rows=_int("max_rows", max_rows))
     self.check_greedy = bool(check_greedy)
-    self.gen_length, self.steps, self.block_length = gen_length, steps, block_length
-    self.sampling = dict(remasking=remasking, temperature=float(temperature), threshold=threshold,
-                         kv_cache=kv_cache, cfg_scale=float(cfg_scale))
-    self.gen_batch_size, self.seed = _int("gen_batch_size", gen_batch_size), _int("seed", seed)
+    self.gen_batch_size = _int("gen_batch_size", gen_batch_size)
     self.scorer = evaluate.Scorer.from_loaded(self.model)
     self.tok = self.model.tokenizer
-    self.max_seq_len = self.model.config.model.max_seq_len
+    self.max_seq_len = self.model.model_config.max_seq_len
     self._ignored: set[str] = set()  # unknown gen_kwargs already warned about
 
   # --- Tokenization ----------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class LladaLM(LM):
                          f"max_seq_len={self.max_seq_len}")
       ids = (self._start(context) + (self._encode(context) if context else []))[-room:]
       groups[tuple(sorted(options.items()))].append((i, ids, until, max_toks))
-    seed = self.seed
+    seed = self.options["seed"]
     for key, items in sorted(groups.items(), key=lambda kv: str(kv[0])):
       items.sort(key=lambda item: len(item[1]))
       for batch in _batches(items, self.gen_batch_size):
@@ -186,11 +188,9 @@ class LladaLM(LM):
     """(stop strings, token budget, sampler options) for one request's lm-eval `gen_kwargs`."""
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
-    max_toks = int(kwargs.pop("max_gen_toks", None) or self.gen_length or DEFAULT_MAX_GEN_TOKS)
-    gen_length = int(self.gen_length or max_toks)
-    block = int(self.block_length or gen_length)
-    gen_length = -(-gen_length // block) * block  # whole blocks; the extra tokens are cut below
-    options = dict(self.sampling, gen_length=gen_length, block_length=block, steps=int(self.steps or gen_length))
+    max_toks = int(kwargs.pop("max_gen_toks", None) or self.options["gen_length"] or DEFAULT_MAX_GEN_TOKS)
+    options = sampling_options.resolve(self.options, budget=max_toks)
+    del options["seed"]  # generate_until draws a fresh seed per batch
     do_sample = kwargs.pop("do_sample", None)
     temperature = kwargs.pop("temperature", None)
     if do_sample is False:
@@ -207,7 +207,7 @@ class LladaLM(LM):
   def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The SFT chat template as text (BOS left out; `_start` puts it back). Without a generation
     prompt the last (assistant) message stays open: lm-eval prefills the answer's start that way."""
-    if not self.model.is_chat:
+    if not self.model.chat:
       raise ValueError("this model was not fine-tuned with SFT and has no chat template; evaluate it "
                        "without --apply_chat_template")
     history = list(chat_history)
@@ -222,14 +222,18 @@ class LladaLM(LM):
     return "llada_jax-" + self.tok.fingerprint()
 
   def chat_template(self, chat_template: bool | str = False) -> str | None:
-    return "llada_jax Llama-3-style (llada_jax.data.sft)" if chat_template and self.model.is_chat else None
+    return "llada_jax Llama-3-style (llada_jax.data.sft)" if chat_template and self.model.chat else None
 
   def get_model_info(self) -> dict[str, Any]:
     """What lm-eval records under results['config']."""
     return {"workdir": self.workdir, "step": self.model.step, "causal": self.model.is_causal,
             "likelihood": dataclasses.asdict(self.likelihood), "check_greedy": self.check_greedy,
-            "generation": dict(self.sampling, gen_length=self.gen_length, steps=self.steps,
-                               block_length=self.block_length)}
+            "generation": dict(self.options)}
+
+
+# LladaLM's own keywords, named beside the sampling options when a keyword is unknown.
+_KEYWORDS = tuple(name for name, p in inspect.signature(LladaLM.__init__).parameters.items()
+                  if name != "self" and p.kind is not p.VAR_KEYWORD)
 
 
 def _int(name: str, value: Any) -> int:

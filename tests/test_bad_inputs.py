@@ -114,6 +114,12 @@ CASES = [
          "nope.py", "No such file or directory"),
     Case("flag_missing_tasks", "flag", ("llada-eval", "--workdir={ROOT}/never"), "--tasks",
          "give --tasks=NAME[,NAME...]"),
+    # The sampling options every inference command shares (llada_jax/sampling_options.py).
+    Case("chat_flag_bad_remasking", "flag", ("llada-chat", "--workdir={ROOT}/never", "--remasking=best"),
+         "--remasking=best", "<low_confidence|random|margin|entropy>"),
+    Case("eval_flag_steps_not_an_integer", "flag",
+         ("llada-eval", "--workdir={ROOT}/never", "--tasks=my_mc", "--steps=many"), "--steps=many",
+         "invalid literal for int()"),
     # Data files.
     Case("data_glob_matches_nothing", "data file", _data("text", "{DATA}/none*.txt"),
          "'{DATA}/none*.txt' matches no file"),
@@ -166,6 +172,8 @@ CASES = [
     Case("sample_gen_length_over_max", "prompt",
          (*SAMPLE, "--prompt=hi", "--gen_length=4096", "--steps=64", "--block_length=64"), "'gen_length'",
          "less than model.max_seq_len=4096"),
+    Case("sample_threshold_out_of_range", "prompt", (*SAMPLE, "--prompt=hi", *SMALL, "--threshold=2"),
+         "'threshold'", "in (0, 1]"),
     # Checkpoints.
     Case("checkpoint_workdir_missing", "checkpoint", ("llada-sample", "--workdir={ROOT}/no_such_run", "--prompt=hi"),
          "{ROOT}/no_such_run does not exist", "give the --workdir of a training run"),

@@ -1,11 +1,17 @@
-"""The `llada-train` console script, as a user runs it."""
+"""The console scripts as a user runs them: `llada-train`, and the sampling options that `llada-sample`,
+`llada-chat` and `llada-eval` share (one declaration, `llada_jax.sampling_options`)."""
 
+import dataclasses
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from llada_jax import sampling, sampling_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -35,3 +41,122 @@ def test_train_cli_rejects_bad_values_in_one_line(tmp_path, flag, field):
   assert r.returncode == 1
   assert field in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "checkpoints").exists()  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampling options: one declaration, the same flags in every inference command
+
+INFERENCE_COMMANDS = {"llada-sample": "llada_jax.cli.sample", "llada-chat": "llada_jax.cli.chat",
+                      "llada-eval": "llada_jax.cli.evaluate"}
+
+# Imports each command's module in its own forked child (each defines its flags on absl's global FLAGS)
+# and prints {module: {flag: {type, default, choices, help}}} for every flag it defines.
+_PROBE = r"""
+import importlib, json, os, sys
+from absl import flags
+import llada_jax.cli.common, llada_jax.serving
+out = {}
+for module in sys.argv[1:]:
+  read, write = os.pipe()
+  if os.fork() == 0:
+    os.close(read)
+    try:
+      importlib.import_module(module)
+      seen = {name: {"type": f.flag_type(), "default": f.default, "help": f.help,
+                     "choices": getattr(f.parser, "enum_values", None)} for name, f in flags.FLAGS._flags().items()}
+    except BaseException as e:  # reported, not raised: the parent must hear back
+      seen = {"__error__": repr(e)}
+    with os.fdopen(write, "w") as f:
+      json.dump(seen, f)
+    os._exit(0)
+  os.close(write)
+  with os.fdopen(read) as f:
+    out[module] = json.load(f)
+  os.wait()
+print(json.dumps(out))
+"""
+_ABSL_TYPE = {int: "int", float: "float", bool: "bool", str: "string"}
+
+
+@pytest.fixture(scope="module")
+def command_flags():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-c", _PROBE, *INFERENCE_COMMANDS.values()], capture_output=True,
+                     text=True, timeout=300, cwd=REPO, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  by_module = json.loads(r.stdout.strip().splitlines()[-1])
+  for module, seen in by_module.items():
+    assert "__error__" not in seen, f"importing {module}: {seen['__error__']}"
+  return {command: by_module[module] for command, module in INFERENCE_COMMANDS.items()}
+
+
+def _expected(option: sampling_options.Option) -> dict:
+  shown = f"<{'|'.join(option.choices)}>: {option.help}" if option.choices else option.help  # absl's prefix
+  return {"type": ("string enum" if option.choices else _ABSL_TYPE[option.type]), "default": option.default,
+          "help": shown, "choices": list(option.choices) or None}
+
+
+@pytest.mark.parametrize("command", sorted(INFERENCE_COMMANDS))
+def test_inference_commands_take_every_sampling_option_as_declared(command_flags, command):
+  defined = command_flags[command]
+  missing = [name for name in sampling_options.NAMES if name not in defined]
+  assert not missing, f"{command} lacks the sampling flags {missing}"
+  for option in sampling_options.OPTIONS:
+    assert defined[option.name] == _expected(option), f"{command} --{option.name} differs from its declaration"
+
+
+def test_inference_commands_agree_on_the_sampling_options(command_flags):
+  views = {command: {name: flags[name] for name in sampling_options.NAMES}
+           for command, flags in command_flags.items()}
+  first = views["llada-sample"]
+  assert all(view == first for view in views.values())
+
+
+def test_declaration_covers_the_sampler():
+  """Every reverse-process option of `SamplingConfig` (and the seed) is declared, with its type, and
+  each default the declaration gives a number is the one the sampler checks against."""
+  fields = {f.name: f for f in dataclasses.fields(sampling.SamplingConfig)}
+  assert set(sampling_options.NAMES) == set(fields) | {"seed"}
+  for option in sampling_options.OPTIONS:
+    if option.name in fields and option.default is not None:  # None: unset lengths, or threshold off
+      assert option.default == fields[option.name].default, option.name
+  assert sampling_options.BY_NAME["remasking"].choices == tuple(sampling.REMASKING)
+  assert sampling_options.BY_NAME["kv_cache"].choices == tuple(sampling.KV_CACHES)
+
+
+def test_resolve_derives_the_unset_lengths():
+  base = sampling_options.resolve({})
+  assert (base["gen_length"], base["steps"], base["block_length"]) == (sampling_options.DEFAULT_GEN_LENGTH,) * 3
+  assert base == {**sampling_options.defaults(), "gen_length": 64, "steps": 64, "block_length": 64}
+  sampling.SamplingConfig(**{k: v for k, v in base.items() if k != "seed"}).validate(1, 4096)
+  assert sampling_options.resolve({"gen_length": 32})["steps"] == 32  # one token per step, one block
+  assert sampling_options.resolve({"gen_length": 32, "block_length": 8})["block_length"] == 8
+  # A caller's budget (an lm-eval task's max_gen_toks): the gen_length when unset, in whole blocks.
+  got = sampling_options.resolve({"block_length": 4}, budget=6)
+  assert (got["gen_length"], got["steps"], got["block_length"]) == (8, 8, 4)
+  assert sampling_options.resolve({"gen_length": 16}, budget=6)["gen_length"] == 16
+  # Without a budget a length that is not whole blocks is left for SamplingConfig.validate to name.
+  assert sampling_options.resolve({"gen_length": 10, "block_length": 4})["gen_length"] == 10
+
+
+def test_parse_types_and_rejects_values_naming_the_option():
+  # lm-eval hands --model_args over as typed values, or as text it could not type.
+  got = sampling_options.parse({"gen_length": "8", "steps": 8.0, "threshold": "0.9", "early_exit": "true"})
+  assert (got["gen_length"], got["steps"], got["threshold"], got["early_exit"]) == (8, 8, 0.9, True)
+  assert got["kv_cache"] == "none" and got["seed"] == 0  # the rest at their defaults
+  for bad, named in [({"gen_length": 2.5}, "'gen_length' must be an integer or None; got 2.5"),
+                     ({"early_exit": 1}, "'early_exit' must be true or false"),
+                     ({"kv_cache": "full"}, "'kv_cache' must be one of ('none', 'prefix', 'dual')"),
+                     ({"temperature": "hot"}, "'temperature' must be a number"),
+                     ({"seed": None}, "'seed' must be an integer; got None")]:
+    with pytest.raises(ValueError, match=re.escape(named)):
+      sampling_options.parse(bad)
+  with pytest.raises(ValueError, match=r"unknown option 'gen_lenght' \(did you mean 'gen_length'\?\)"):
+    sampling_options.parse({"gen_lenght": 8})
+
+
+def test_readme_lists_the_sampling_options():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  assert sampling_options.markdown_table() in readme, (
+      "README.md's table of sampling options is stale: paste sampling_options.markdown_table() there")

@@ -4,6 +4,7 @@ the Scorer's, generation stops where asked, and bad input gives one-line errors.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from llada_jax import evaluate, harness, train  # noqa: E402
+from llada_jax import evaluate, harness, sampling_options, train  # noqa: E402
 
 TASK = "llada_local_mc"
 QUESTIONS = [  # (question, choices, index of the answer)
@@ -144,6 +145,35 @@ def test_generate_until_budget_and_stop_strings(lm):
   assert cut == free[:free.index(stop)]
 
 
+def test_sampling_options_are_the_shared_declaration(lm):
+  """The harness takes the inference commands' option set with their defaults, also as lm-eval's
+  --model_args text, and derives the unset lengths from each request's budget by the shared rule."""
+  assert lm.options == sampling_options.defaults()
+  assert lm.get_model_info()["generation"] == sampling_options.defaults()
+  args = "gen_length=None,block_length=4,kv_cache=prefix,early_exit=true,threshold=0.9,seed=3,mc_num=2"
+  typed = harness.LladaLM.create_from_arg_string(args, {"model": lm.model, "batch_size": 2})
+  assert typed.options == {**sampling_options.defaults(), "block_length": 4, "kv_cache": "prefix",
+                           "early_exit": True, "threshold": 0.9, "seed": 3}
+  assert typed.likelihood.seed == 3 and typed.likelihood.mc_num == 2
+  until, budget, options = typed._generation_options({"max_gen_toks": 6, "until": ["."]})
+  assert (until, budget) == (["."], 6)
+  assert options == {k: v for k, v in sampling_options.resolve(typed.options, budget=6).items() if k != "seed"}
+  assert (options["gen_length"], options["steps"], options["block_length"]) == (8, 8, 4)
+  with pytest.raises(ValueError, match="LladaLM: unknown option 'top_k'.*the sampling options are gen_length"):
+    harness.LladaLM.create_from_arg_string("top_k=5", {"model": lm.model})
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"gen_lenght": 8}, "unknown option 'gen_lenght' (did you mean 'gen_length'?)"),
+    ({"mc_nun": 8}, "unknown option 'mc_nun' (did you mean 'mc_num'?)"),
+    ({"remasking": "best"}, "sampling option 'remasking' must be one of"),
+])
+def test_unknown_or_bad_option_is_refused_naming_it(tmp_path, kwargs, named):
+  # Before anything is loaded: the workdir does not even exist.
+  with pytest.raises(ValueError, match=re.escape(named)):
+    harness.LladaLM(str(tmp_path / "never"), **kwargs)
+
+
 def test_missing_tokenizer_is_a_clear_error(workdir, tmp_path):
   bare = tmp_path / "bare"
   shutil.copytree(workdir, bare)
@@ -160,12 +190,13 @@ def _llada_eval(*args):
 def test_cli_on_a_local_task(workdir, task_dir, tmp_path):
   out = tmp_path / "results.json"
   r = _llada_eval(f"--workdir={workdir}", f"--tasks={TASK}", f"--include_path={task_dir}", "--limit=4",
-                  f"--output={out}", "--mc_num=4", "--batch_size=4")
+                  f"--output={out}", "--mc_num=4", "--batch_size=4", "--threshold=0.9", "--early_exit")
   assert r.returncode == 0, r.stderr[-3000:]
   assert TASK in r.stdout and " acc " in r.stdout
   results = json.loads(out.read_text())
   assert 0 <= results["results"][TASK]["acc,none"] <= 1
   assert results["config"]["likelihood"]["mc_num"] == 4
+  assert results["config"]["generation"] == {**sampling_options.defaults(), "threshold": 0.9, "early_exit": True}
   bad = _llada_eval(f"--workdir={workdir}", "--tasks=no_such_task", f"--include_path={task_dir}")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
   error = [line for line in bad.stderr.splitlines() if "error" in line]

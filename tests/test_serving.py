@@ -31,12 +31,14 @@ def _run(module, *args, stdin=None):
 def test_load_and_complete_in_process(workdirs):
   pre, sft = workdirs
   model = serving.load(str(pre))
-  assert model.step == 4 and not model.is_chat
+  assert model.step == 4 and not model.chat
   out = model.complete(["the capital of", "12 plus"], gen_length=8, steps=8, block_length=4)
   assert len(out) == 2 and all(len(r.raw_ids) == 8 and r.steps == 8 for r in out)
   assert sorted(out[0].commit_step) == list(range(8))  # 8 steps, one token each, each position once
   chat_model = serving.load(str(sft))
-  assert chat_model.is_chat
+  assert chat_model.chat
+  # SFT wrote the flag into the checkpoint's config (what serving reads), pre-training left it off.
+  assert [json.loads((w / "config.json").read_text())["model"]["chat"] for w in (pre, sft)] == [False, True]
   assert chat_model.encode_prompt("hi")[0] == chat_model.tokenizer.bos_id
 
 
@@ -79,7 +81,8 @@ def test_sample_cli(workdirs, tmp_path):
 
 
 def test_chat_cli_two_turns(workdirs):
-  r = _run("llada_jax.cli.chat", f"--workdir={workdirs[1]}", "--gen_length=8", "--steps=8",
-           "--block_length=8", stdin="what is 1 plus 1?\nand 2 plus 2?\n\n")
+  # Steps and block length left unset: the shared rule makes both gen_length.
+  r = _run("llada_jax.cli.chat", f"--workdir={workdirs[1]}", "--gen_length=8", "--remasking=margin",
+           "--suppress_eos_confidence", "--early_exit", stdin="what is 1 plus 1?\nand 2 plus 2?\n\n")
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.count("llada> ") == 2

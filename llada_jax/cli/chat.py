@@ -1,6 +1,10 @@
 """`llada-chat`: interactive multi-turn chat with a fine-tuned (SFT) model.
 
-  llada-chat --workdir=/tmp/llada_demo_sft [--gen_length=64 --steps=64 --block_length=32]
+  llada-chat --workdir=/tmp/llada_demo_sft --block_length=32 --suppress_eos_confidence
+
+Takes the sampling options of `llada-sample` and `llada-eval` with the same defaults
+(`llada_jax.sampling_options`): pure diffusion over 64 tokens, EOS untouched. Chat models tend to read
+better with semi-autoregressive blocks and EOS committed last, as in the line above.
 
 Type a message and press enter; an empty line or EOF (Ctrl-D) ends the chat. Previous turns (answers
 without their EOS padding) are fed back as history. From a notebook use `serving.ChatSession`.
@@ -10,26 +14,20 @@ import sys
 
 from absl import app, flags
 
-from llada_jax import serving
-from llada_jax.cli import common, parsing
+from llada_jax import sampling_options, serving
+from llada_jax.cli import common, parsing, sampling_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an SFT run.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
-_GEN = flags.DEFINE_integer("gen_length", 64, "Tokens per answer.")
-_STEPS = flags.DEFINE_integer("steps", 64, "Reverse-process steps per answer.")
-_BLOCK = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
-_THRESH = flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold in (0, 1].")
-_TEMP = flags.DEFINE_float("temperature", 0.0, "Sampling temperature.")
-_CACHE = flags.DEFINE_enum("kv_cache", "none", ["none", "prefix", "dual"], "Fast-dLLM block-wise KV cache.")
+_SAMPLING = sampling_flags.define()  # --gen_length, --steps, ...: the same in every inference command
 
 
 @common.user_errors("llada-chat")
 def main(argv):
   del argv
   model = serving.load(_WORKDIR.value)
-  session = serving.ChatSession(model, system=_SYSTEM.value, gen_length=_GEN.value, steps=_STEPS.value,
-                                block_length=_BLOCK.value, threshold=_THRESH.value, temperature=_TEMP.value,
-                                kv_cache=_CACHE.value, suppress_eos_confidence=True)
+  session = serving.ChatSession(model, system=_SYSTEM.value,
+                                **sampling_options.resolve(sampling_flags.values(_SAMPLING)))
   interactive = sys.stdin.isatty()
   while True:
     if interactive:

@@ -7,6 +7,10 @@
 with `dataset_kwargs: {data_files: ...}`), so nothing is downloaded. Built-in tasks fetch their data
 from the Hugging Face Hub on first use: run them where the network is, or with the datasets cache
 already filled. This command itself never downloads.
+
+Generation tasks sample with the options every inference command shares (`--gen_length`, `--steps`,
+`--block_length`, `--remasking`, `--threshold`, `--kv_cache`, ...; `llada_jax.sampling_options`): an
+unset `--gen_length` is each task's `max_gen_toks`, unset steps and block_length are gen_length.
 """
 
 import json
@@ -14,8 +18,7 @@ import os
 
 from absl import app, flags
 
-from llada_jax import sampling
-from llada_jax.cli import common, parsing
+from llada_jax.cli import common, parsing, sampling_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -28,15 +31,9 @@ _CHAT = flags.DEFINE_bool("apply_chat_template", False, "Render prompts with the
 _MC = flags.DEFINE_integer("mc_num", 128, "Monte Carlo samples per likelihood (diffusion models).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Monte Carlo samples per forward pass (divides --mc_num).")
 _ESTIMATOR = flags.DEFINE_enum("estimator", "l", ["l", "t"], "Likelihood estimator: l-based or t-based.")
-_CFG = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance for likelihoods and generation.")
 _GREEDY = flags.DEFINE_bool("check_greedy", False, "Compute is_greedy (LAMBADA-style acc): one decode each.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the Monte Carlo masks and of sampling.")
-_GEN = flags.DEFINE_integer("gen_length", None, "Generated tokens (default: the task's max_gen_toks).")
-_STEPS = flags.DEFINE_integer("steps", None, "Reverse-process steps (default: gen_length).")
-_BLOCK = flags.DEFINE_integer("block_length", None, "Semi-autoregressive block (default: gen_length).")
-_REMASK = flags.DEFINE_enum("remasking", "low_confidence", list(sampling.REMASKING), "Remasking rule.")
-_TEMP = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy) unless the task sets one.")
 _GEN_BATCH = flags.DEFINE_integer("gen_batch_size", 8, "Prompts sampled together.", lower_bound=1)
+_SAMPLING = sampling_flags.define()  # --gen_length, --steps, ...: the same in every inference command
 
 
 def task_manager(names: list[str], include_path: str | None):
@@ -94,9 +91,8 @@ def main(argv):
 
   tm, names = task_manager(_TASKS.value, _INCLUDE.value)
   lm = harness.LladaLM(_WORKDIR.value, step=_STEP.value, mc_num=_MC.value, batch_size=_BATCH.value,
-                       estimator=_ESTIMATOR.value, cfg_scale=_CFG.value, check_greedy=_GREEDY.value,
-                       seed=_SEED.value, gen_length=_GEN.value, steps=_STEPS.value, block_length=_BLOCK.value,
-                       remasking=_REMASK.value, temperature=_TEMP.value, gen_batch_size=_GEN_BATCH.value)
+                       estimator=_ESTIMATOR.value, check_greedy=_GREEDY.value, gen_batch_size=_GEN_BATCH.value,
+                       **sampling_flags.values(_SAMPLING))  # unset lengths: the harness derives them per task
   try:
     results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=_FEWSHOT.value, limit=_LIMIT.value,
                                       task_manager=tm, log_samples=False, apply_chat_template=_CHAT.value,

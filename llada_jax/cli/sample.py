@@ -9,8 +9,8 @@ import json
 
 from absl import app, flags
 
-from llada_jax import sampling, serving, visualize
-from llada_jax.cli import common, parsing
+from llada_jax import sampling_options, serving, visualize
+from llada_jax.cli import common, parsing, sampling_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -19,18 +19,7 @@ _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File with one prompt pe
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", [], "A prompt as comma-separated token ids.")
 _CHAT = flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"],
                           "Wrap prompts in the chat template (auto: if the model was fine-tuned with SFT).")
-_GEN = flags.DEFINE_integer("gen_length", 64, "Tokens to generate.")
-_STEPS = flags.DEFINE_integer("steps", 64, "Reverse-process steps.")
-_BLOCK = flags.DEFINE_integer("block_length", 64, "Semi-autoregressive block length (= gen_length: pure diffusion).")
-_TEMP = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
-_CFG = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale (0: off).")
-_REMASK = flags.DEFINE_enum("remasking", "low_confidence", list(sampling.REMASKING), "Remasking rule.")
-_THRESH = flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold in (0, 1] (default: off).")
-_NO_EOS = flags.DEFINE_bool("suppress_eos_logit", False, "Never predict EOS.")
-_EOS_LAST = flags.DEFINE_bool("suppress_eos_confidence", False, "Commit EOS / end-of-turn predictions last.")
-_CACHE = flags.DEFINE_enum("kv_cache", "none", list(sampling.KV_CACHES), "Fast-dLLM block-wise KV cache.")
-_EARLY = flags.DEFINE_bool("early_exit", False, "Stop a row once its remaining positions can only be EOS.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed (temperature, random remasking).")
+_SAMPLING = sampling_flags.define()  # --gen_length, --steps, ...: the same in every inference command
 _JSON = flags.DEFINE_string("output_json", None, "Write prompts, generated ids, text and steps here.")
 _SHOW = flags.DEFINE_bool("show_steps", False, "Print the answer filling in, one line per step.")
 _HTML = flags.DEFINE_string("html", None, "Write an animated HTML view of the first prompt's decode here.")
@@ -70,11 +59,8 @@ def main(argv):
   chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
   if ids is not None and max(ids[0], default=-1) >= model.tokenizer.vocab_size:
     raise ValueError(f"--prompt_ids holds ids outside the vocabulary [0, {model.tokenizer.vocab_size})")
-  results = model.complete(texts, chat=chat, prompt_ids=ids, seed=_SEED.value, gen_length=_GEN.value,
-                           steps=_STEPS.value, block_length=_BLOCK.value, temperature=_TEMP.value,
-                           cfg_scale=_CFG.value, remasking=_REMASK.value, threshold=_THRESH.value,
-                           suppress_eos_logit=_NO_EOS.value, suppress_eos_confidence=_EOS_LAST.value,
-                           early_exit=_EARLY.value, kv_cache=_CACHE.value)
+  results = model.complete(texts, chat=chat, prompt_ids=ids,
+                           **sampling_options.resolve(sampling_flags.values(_SAMPLING)))
   for r in results:
     print(f"{r.prompt!r} -> {r.text!r}  ({r.steps} steps)")
     if _SHOW.value:
