@@ -9,6 +9,7 @@ deviation across seeds, averaged over pairs, is the estimate's noise at that sam
 reports the l-based estimator stable at ~128 samples where the t-based one needs over 1000.
 """
 
+import json
 import os
 import tempfile
 import time
@@ -16,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from llada_jax import evaluate, serving, train
+from llada_jax import evaluate, files, serving, train
 from llada_jax.configs import default
 from llada_jax.config import from_config_dict
 from llada_jax.data import corpus
@@ -61,7 +62,9 @@ def main(argv):
   workdir = _WORKDIR.value or _tiny_run()
   loaded = serving.load(workdir)
   scorer = evaluate.Scorer.from_loaded(loaded)
-  prompts, responses = _pairs(loaded.tokenizer, loaded.config.data.corpus_seed, _PAIRS.value,
+  # Held-out text of the world the run trained on: its training config (config.json) names the corpus seed.
+  run_config = json.loads(files.path(workdir, "config.json").read_text())
+  prompts, responses = _pairs(loaded.tokenizer, run_config["data"]["corpus_seed"], _PAIRS.value,
                               _RESPONSE.value)
   counts = [int(s) for s in _SAMPLES.value]
   print(f"model: {workdir} (step {loaded.step}); {_PAIRS.value} pairs, prompt 24 + response "

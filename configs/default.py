@@ -26,6 +26,8 @@ def base() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5          # RMSNorm epsilon
   m.init_std = 0.02          # std of the normal initialiser of every matrix
   m.causal = False           # True: autoregressive baseline (causal mask); needs diffusion.objective='ar'
+  m.chat = ml_collections.config_dict.placeholder(bool)  # the model answers chat-templated prompts;
+                             # None: what the objective trains (True for sft); stored in checkpoints
   m.scan_layers = True       # lax.scan over stacked layers (fast compiles) vs an unrolled Python loop
   m.remat_policy = "none"    # per-layer rematerialisation: none | full | dots | dots_no_batch | attn_out
                              # (keep attention outputs) | qkv_attn_out (also q, k, v)

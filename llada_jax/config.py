@@ -15,7 +15,6 @@ from typing import Any, Mapping
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
-OBJECTIVES = ("pretrain", "sft", "ar")
 SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
 RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "norm")
@@ -46,9 +45,41 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...])
     _fail(f"{section}.{name}", f"one of {choices}", value)
 
 
+# Field metadata. `execution`: changes how a step runs, not what the parameters are, so a run may resume
+# or fine-tune with another value (restores cast to the new param_dtype; init_std only shapes a fresh
+# init). `usage`: how the trained parameters are meant to be used (e.g. chat), free to change when
+# fine-tuning. Every other model field defines the parameters and must match a checkpoint's.
+_EXECUTION = {"kind": "execution"}
+_USAGE = {"kind": "usage"}
+
+
+def _field(default: Any, kind: dict[str, str]) -> Any:
+  return dataclasses.field(default=default, metadata=kind)
+
+
+def architecture_fields(cls: type = None) -> tuple[str, ...]:
+  """The fields of `cls` (default: ModelConfig) that define the parameters: neither execution nor usage."""
+  return tuple(f.name for f in dataclasses.fields(cls or ModelConfig) if "kind" not in f.metadata)
+
+
+def execution_fields(cls: type = None) -> tuple[str, ...]:
+  """The fields of `cls` (default: ModelConfig) marked execution-only."""
+  return tuple(f.name for f in dataclasses.fields(cls or ModelConfig) if f.metadata.get("kind") == "execution")
+
+
+def _objectives():
+  # The registry imports the data pipeline, which imports this module: looked up when validating.
+  from llada_jax import objectives
+  return objectives
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The Transformer (REFERENCE §1). `head_dim` is derived: d_model // num_heads."""
+  """The Transformer (REFERENCE §1). `head_dim` is derived: d_model // num_heads.
+
+  `chat`: the parameters answer prompts in the chat template (serving, the harness and the converters read
+  it from the checkpoint's config); None resolves to what the objective trains (True for `sft`).
+  """
 
   vocab_size: int = 1024
   d_model: int = 128
@@ -59,15 +90,16 @@ class ModelConfig:
   max_seq_len: int = 4096
   rope_theta: float = 500000.0
   norm_eps: float = 1e-5
-  init_std: float = 0.02
+  init_std: float = _field(0.02, _EXECUTION)
   causal: bool = False
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
-  loss_chunk_size: int = 0
-  mlp_pad_to: int = 0
-  dtype: str = "bfloat16"
-  param_dtype: str = "float32"
+  chat: bool | None = _field(None, _USAGE)
+  scan_layers: bool = _field(True, _EXECUTION)
+  remat_policy: str = _field("none", _EXECUTION)
+  attention_impl: str = _field("xla", _EXECUTION)
+  loss_chunk_size: int = _field(0, _EXECUTION)
+  mlp_pad_to: int = _field(0, _EXECUTION)
+  dtype: str = _field("bfloat16", _EXECUTION)
+  param_dtype: str = _field("float32", _EXECUTION)
 
   def __post_init__(self):
     s = "model"
@@ -92,6 +124,8 @@ class ModelConfig:
     for name in ("causal", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         _fail(f"{s}.{name}", "True or False", getattr(self, name))
+    if self.chat is not None and not isinstance(self.chat, bool):
+      _fail(f"{s}.chat", "True, False or None (what the objective trains)", self.chat)
 
   @property
   def head_dim(self) -> int:
@@ -109,7 +143,7 @@ class DiffusionConfig:
 
   def __post_init__(self):
     s = "diffusion"
-    _check_choice(s, "objective", self.objective, OBJECTIVES)
+    _check_choice(s, "objective", self.objective, _objectives().names())
     _check_int(s, "mask_token_id", self.mask_token_id, 0)
     _check_float(s, "noise_eps", self.noise_eps, 0.0, 1.0, lo_open=True)
     _check_float(s, "random_length_prob", self.random_length_prob, 0.0, 1.0)
@@ -332,8 +366,12 @@ class Config:
     if o.warmup_steps + o.stage2_steps + o.decay_steps > t.num_steps:
       _fail("optim.warmup_steps", f"such that warmup+stage2+decay steps <= train.num_steps={t.num_steps}",
             (o.warmup_steps, o.stage2_steps, o.decay_steps))
-    if (self.diffusion.objective == "ar") != m.causal:
-      _fail("model.causal", "True exactly when diffusion.objective == 'ar'", m.causal)
+    objective = _objectives().get(self.diffusion.objective)
+    if objective.causal != m.causal:
+      _fail("model.causal", f"{objective.causal} for diffusion.objective={objective.name!r} (causal objectives: "
+            f"{[n for n in _objectives().names() if _objectives().get(n).causal]})", m.causal)
+    if m.chat is None:  # resolved once, so the checkpoint's config stores the flag
+      object.__setattr__(self, "model", dataclasses.replace(m, chat=objective.chat))
     d = self.data
     if t.eval_every and d.source == "tfds" and not d.tfds_eval_split:
       _fail("data.tfds_eval_split", "a held-out TFDS split (e.g. 'validation') when train.eval_every > 0",
@@ -379,16 +417,30 @@ def from_config_dict(d: Mapping[str, Any]) -> Config:
   unknown = set(d) - set(_SECTION_TYPES)
   if unknown:
     raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTION_TYPES)}")
-  sections = {}
-  for name, cls in _SECTION_TYPES.items():
-    values = dict(d.get(name, {}))
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = set(values) - names
-    if bad:
-      raise ValueError(f"unknown config field(s) {sorted(f'{name}.{b}' for b in bad)}; "
-                       f"known fields of '{name}': {sorted(names)}")
-    sections[name] = cls(**{k: _freeze(v) for k, v in values.items()})
-  return Config(**sections)
+  return Config(**{name: section_from_dict(name, d.get(name, {})) for name in _SECTION_TYPES})
+
+
+def section_from_dict(name: str, values: Mapping[str, Any]) -> Any:
+  """One validated section (e.g. 'model' -> ModelConfig) from its fields; unknown fields are errors."""
+  cls = _SECTION_TYPES[name]
+  values = dict(values)
+  names = {f.name for f in dataclasses.fields(cls)}
+  bad = set(values) - names
+  if bad:
+    raise ValueError(f"unknown config field(s) {sorted(f'{name}.{b}' for b in bad)}; "
+                     f"known fields of '{name}': {sorted(names)}")
+  return cls(**{k: _freeze(v) for k, v in values.items()})
+
+
+def saved_model_config(saved: Mapping[str, Any]) -> ModelConfig:
+  """The `model` section of a checkpoint's saved config, `chat` resolved: written by training (any
+  objective) and by llada-convert. Checkpoints saved before `model.chat` existed store None there, and
+  get what their objective trains, as when they were written."""
+  model = section_from_dict("model", saved.get("model", {}))
+  if model.chat is None:
+    objective = _objectives().get(saved.get("diffusion", {}).get("objective", DiffusionConfig.objective))
+    model = dataclasses.replace(model, chat=objective.chat)
+  return model
 
 
 def from_json(text: str) -> Config:

@@ -78,8 +78,8 @@ class Scorer:
   @classmethod
   def from_loaded(cls, loaded) -> "Scorer":
     """From `serving.load(workdir)`."""
-    m = loaded.config.model
-    return cls(loaded.graphdef, loaded.params, mask_id=loaded.config.diffusion.mask_token_id,
+    m = loaded.model_config
+    return cls(loaded.graphdef, loaded.params, mask_id=loaded.mask_id,
                max_seq_len=m.max_seq_len, causal=m.causal, pad_id=loaded.tokenizer.eos_id)
 
   def _logits(self, params, tokens_BL, valid_BL):

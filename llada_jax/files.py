@@ -8,6 +8,8 @@ and a preempted slice's successor finds them. gs:// needs `gcsfs` (the `[tpu]` /
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import Callable
 
 from etils import epath
 
@@ -36,3 +38,21 @@ def write_atomic(target: epath.Path, data: str | bytes) -> None:
     f.flush()
     os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
   os.replace(tmp, target)
+
+
+def write_atomic_with(target: epath.Path, write: Callable[[str], None]) -> None:
+  """Like `write_atomic` for a library that writes a local file itself (`write(local_path)`, e.g.
+  safetensors' save_file): locally the file is written beside `target`, synced and renamed into place;
+  for a bucket it is written to a local temporary file and uploaded whole. Nothing is held in memory."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if not is_remote(target):
+    tmp = os.fspath(target.parent / (target.name + ".tmp"))
+    write(tmp)
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return
+  with tempfile.TemporaryDirectory() as d:
+    local = os.path.join(d, target.name)
+    write(local)
+    epath.Path(local).copy(target, overwrite=True)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, serving, sharding
-from llada_jax.config import Config, DataConfig, DiffusionConfig, MeshConfig, ModelConfig, TrainConfig
+from llada_jax.config import MeshConfig, ModelConfig
 from llada_jax.data import tokenizer as tokenizer_lib
 
 CONFIG_FILE = "config.json"
@@ -262,7 +262,7 @@ def _place(hf_dir: HFDirectory, tensors: list[Tensor], abstract: Any, shardings:
       w = group[0].to_ours(hf_dir.read(group[0].name), target.shape).astype(dtype, copy=False)
       value = jax.device_put(w, where)
     else:
-      layer_sharding = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec(*where.spec[1:]))
+      layer_sharding = sharding.without_leading_axis(where)
       value = jax.jit(lambda s=target.shape: jnp.zeros(s, dtype), out_shardings=where)()
       put = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
                     out_shardings=where, donate_argnums=0)
@@ -291,7 +291,7 @@ def load(hf_dir: str | os.PathLike, *, mesh: MeshConfig = MeshConfig(), dtype: s
   """A HF LLaDA directory as a sharded `serving.LoadedModel` (sample, chat, score: see serving).
 
   `dtype` is the parameter dtype ('keep': as stored); `instruct` (default: 'instruct' in the folder's
-  name) marks a chat model, whose prompts get the chat template (config `diffusion.objective='sft'`).
+  name) marks a chat model (`model.chat`), whose prompts get the chat template.
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
@@ -304,35 +304,42 @@ def load(hf_dir: str | os.PathLike, *, mesh: MeshConfig = MeshConfig(), dtype: s
   mask_id = _check_tokenizer(tok, d.config, model_cfg, os.fspath(d.path))
   if instruct is None:
     instruct = "instruct" in d.path.name.lower()
-  config = Config(model=model_cfg, mesh=mesh,
-                  diffusion=DiffusionConfig(objective="sft" if instruct else "pretrain", mask_token_id=mask_id),
-                  data=DataConfig(tokenizer_vocab_size=min(max(64, tok.vocab_size), model_cfg.vocab_size)),
-                  train=TrainConfig(seq_len=min(TrainConfig.seq_len, model_cfg.max_seq_len)))
+  model_cfg = dataclasses.replace(model_cfg, chat=bool(instruct))
   graphdef, abstract_state = model_lib.abstract_model(model_cfg)
   shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract_state), mesh,
                                       sharding.make_mesh(mesh))
   params = _place(d, tensors, nnx.to_pure_dict(abstract_state), shardings, jnp.dtype(model_cfg.param_dtype))
-  return serving.LoadedModel(config, graphdef, params, tok, 0)
+  return serving.LoadedModel(model_cfg, graphdef, params, tok, mask_id, model_cfg.chat, 0)
 
 
-def import_checkpoint(hf_dir: str | os.PathLike, workdir: str | os.PathLike, **options: Any) -> Config:
-  """Writes `load(hf_dir, **options)` as a llada_jax workdir: an Orbax step 0 holding the parameters,
-  the resolved config, the tokenizer files and the original config.json (for export). `llada-sample`,
-  `llada-chat`, `llada-eval` and fine-tuning (`train.init_from`) read it like a training workdir."""
+def inference_config(model: serving.LoadedModel, mesh: MeshConfig = MeshConfig()) -> dict[str, Any]:
+  """The config a converted workdir's checkpoint stores: what inference and `train.init_from` read
+  (the model with its chat flag, the mask id, the mesh it was placed on), and no training settings."""
+  return {"model": dataclasses.asdict(model.model_config), "diffusion": {"mask_token_id": model.mask_id},
+          "mesh": dataclasses.asdict(mesh)}
+
+
+def import_checkpoint(hf_dir: str | os.PathLike, workdir: str | os.PathLike,
+                      **options: Any) -> serving.LoadedModel:
+  """Writes `load(hf_dir, **options)` as a llada_jax workdir: an Orbax step 0 holding the parameters and
+  `inference_config`, the tokenizer files and the original config.json (for export). `llada-sample`,
+  `llada-chat`, `llada-eval` and fine-tuning (`train.init_from`) read it like a training workdir.
+  Returns the loaded model."""
   target = files.path(workdir, ckpt_lib.CHECKPOINT_DIR)
   if target.exists() and any(target.iterdir()):
     raise FileExistsError(f"{target} already holds checkpoints; convert into a new --out")
   loaded = load(hf_dir, **options)  # every check passes before anything is written
+  saved_config = inference_config(loaded, options.get("mesh", MeshConfig()))
   loaded.tokenizer.save_dir(files.path(workdir))
-  files.write_atomic(files.path(workdir, "config.json"), loaded.config.to_json())
+  files.write_atomic(files.path(workdir, "config.json"), json.dumps(saved_config, indent=2, sort_keys=True))
   files.write_atomic(files.path(workdir, HF_CONFIG_COPY), (files.path(hf_dir) / CONFIG_FILE).read_text())
   # The checkpoint last: its (atomic) step marks a complete workdir. The parameters may already fill
   # host memory (a CPU host), so they are copied out for saving 1 GB at a time.
   ckpt = ckpt_lib.Checkpointer(os.fspath(workdir), async_save=False, save_host_gb=1)
-  ckpt.save(0, {"params": loaded.params}, data_iterator=None, config=loaded.config.to_dict(), force=True)
+  ckpt.save(0, {"params": loaded.params}, data_iterator=None, config=saved_config, force=True)
   ckpt.wait()
   ckpt.close()
-  return loaded.config
+  return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"{out} is not empty; export into a new directory")
   model = serving.load(os.fspath(workdir), step)
-  m = model.config.model
+  m = model.model_config
   if m.causal:
     raise ValueError("the HF LLaDA layout is for the bidirectional model; this workdir is causal (AR)")
   np_dtype = np.dtype(jnp.dtype(m.param_dtype if dtype == "keep" else dtype))
@@ -383,9 +390,8 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
       leaf = _leaf(model.params, t.leaf)
       value = np.asarray(jax.device_get(leaf if t.layer is None else leaf[t.layer]))
       arrays[t.name] = t.to_hf(value.astype(np_dtype))
-    tmp = out / (name + ".tmp")
-    save_file(arrays, os.fspath(tmp), metadata={"format": "pt"})  # PyTorch loaders require the tag
-    os.replace(tmp, out / name)
+    # PyTorch loaders require the "format" tag.
+    files.write_atomic_with(out / name, lambda local: save_file(arrays, local, metadata={"format": "pt"}))
   if len(groups) > 1:
     weight_map = {t.name: n for n, g in zip(names, groups) for t in g}
     total = sum(int(np.prod(t.shape)) * np_dtype.itemsize for t in tensors)
@@ -394,7 +400,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   imported = files.path(workdir, HF_CONFIG_COPY)
   base = json.loads(imported.read_text()) if imported.exists() else None
   tok = model.tokenizer
-  hf_cfg = hf_config_from_model(m, mask_id=model.config.diffusion.mask_token_id, eos_id=tok.eos_id,
+  hf_cfg = hf_config_from_model(m, mask_id=model.mask_id, eos_id=tok.eos_id,
                                 pad_id=tok.pad_id, base=base)
   hf_cfg["torch_dtype"] = str(np_dtype) if np_dtype != np.float32 else "float32"
   files.write_atomic(out / CONFIG_FILE, json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")

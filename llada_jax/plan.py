@@ -109,9 +109,8 @@ class MemoryReport:
 def abstract_batch(s: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """A training batch as ShapeDtypeStructs with the batch shardings of `s`."""
   b, l = s.config.train.batch_size, s.config.train.seq_len
-  dtypes = {"tokens": np.int32, "prompt_len": np.int32, "valid": np.bool_}
-  return {k: jax.ShapeDtypeStruct((b, l)[:ndim], dtypes[k], sharding=s.batch_shardings[k])
-          for k, ndim in train.batch_fields(s.config).items()}
+  return {k: jax.ShapeDtypeStruct((b, l)[:f.rank], np.dtype(f.dtype), sharding=s.batch_shardings[k])
+          for k, f in s.objective.batch.items()}
 
 
 def dry_run(s: train.Setup) -> MemoryReport:
@@ -119,7 +118,7 @@ def dry_run(s: train.Setup) -> MemoryReport:
   batch = abstract_batch(s)
   t0 = time.time()
   with sharding.use_rules(s.config.mesh, s.mesh):
-    compiled = s.step.lower(s.abstract_state, batch).compile()
+    compiled = s.jit_step.lower(s.abstract_state, batch, s.frozen).compile()
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   params = leaf_placements(s.abstract_state.params)

@@ -9,6 +9,7 @@ entries overridable by `MeshConfig.rules`) maps those names onto the mesh axes (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -53,6 +54,21 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                            axis_types=(AxisType.Auto,) * 3)
+
+
+def make_mesh_or_fallback(cfg: MeshConfig) -> tuple[MeshConfig, jax.sharding.Mesh]:
+  """`make_mesh(cfg)` when its shape fits this machine's devices, else the same rules over an fsdp axis
+  holding every device (a checkpoint saved on another topology, loaded for inference)."""
+  try:
+    cfg.axis_sizes(len(jax.devices()))
+  except ValueError:
+    cfg = dataclasses.replace(cfg, data=1, fsdp=-1, tensor=1)
+  return cfg, make_mesh(cfg)
+
+
+def without_leading_axis(s: NamedSharding) -> NamedSharding:
+  """The sharding of one slice `x[i]` of an array sharded as `s` (e.g. one layer of a stacked leaf)."""
+  return NamedSharding(s.mesh, P(*s.spec[1:]))
 
 
 def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:

@@ -168,7 +168,8 @@ def test_validation_during_training_is_logged_and_repeatable(tmp_path, devices):
   parameters twice gives the same numbers; the held-out documents are not the training documents."""
   import json
   from llada_jax import train
-  from llada_jax.data import corpus, pipeline
+  from llada_jax import objectives
+  from llada_jax.data import corpus
   cfg = tiny_config(**{"train.num_steps": 10, "train.eval_every": 5, "train.eval_batches": 2,
                        "train.num_samples": 0, "optim.warmup_steps": 2})
   out = train.train_and_evaluate(cfg, str(tmp_path))
@@ -177,8 +178,8 @@ def test_validation_during_training_is_logged_and_repeatable(tmp_path, devices):
   assert [r["step"] for r in evals] == [5, 10]
   assert all(r["eval_ppl_bound"] == pytest.approx(np.exp(r["eval_loss"]), rel=1e-5) for r in evals)
   s = train.setup(cfg)
-  tok = pipeline.build_training_data(cfg, str(tmp_path)).tokenizer
-  batches = pipeline.build_eval_batches(cfg, tok)
+  tok = objectives.training_data(cfg, str(tmp_path)).tokenizer
+  batches = objectives.eval_batches(cfg, tok)
   first = train.validate(s, out["state"].params, batches)
   assert first == train.validate(s, out["state"].params, batches)
   assert first["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import config as config_lib, train
+from llada_jax import config as config_lib, objectives, train
 from llada_jax.configs import default
-from llada_jax.data import corpus, pipeline
+from llada_jax.data import corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,11 +32,11 @@ def test_sft_from_pretrained_checkpoint_lowers_sft_loss(tmp_path, devices):
   c.optim.update(peak_lr=3e-3)
   sft_cfg = config_lib.from_config_dict(default.sft(c, init_from=str(tmp_path / "pre")))
   post = train.train_and_evaluate(sft_cfg, str(tmp_path / "sft"))
-  assert post["step"] == 60 and len(post["samples"]) == 2
+  assert post["step"] == 60 and len(train.print_samples(sft_cfg, post)) == 2
   # The tokenizer is inherited from the pre-trained run, so token ids mean the same thing.
   assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
   held = config_lib.from_config_dict(default.sft(c.copy_and_resolve_references(), init_from=str(tmp_path / "pre")))
-  batch = next(pipeline.build_training_data(held, str(tmp_path / "sft")).iterator)
+  batch = next(objectives.training_data(held, str(tmp_path / "sft")).iterator)
   s = train.setup(sft_cfg)
   before = _sft_eval_loss(sft_cfg, s, pre["state"].params, batch)
   after = _sft_eval_loss(sft_cfg, s, post["state"].params, batch)

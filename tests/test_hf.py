@@ -14,9 +14,9 @@ from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
 from hf_fixtures import D, HEADS, LAYERS, VOCAB, edit_json, write_hf_dir
-from llada_jax import evaluate, harness, hf, model as model_lib, serving, train
+from llada_jax import evaluate, harness, hf, model as model_lib, serving
 from llada_jax.data import sft
-from llada_jax.config import MeshConfig
+from llada_jax.config import MeshConfig, architecture_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def reference_logits(w: dict[str, np.ndarray], cfg: dict, tokens_BT: np.ndarray,
@@ -74,7 +74,7 @@ def test_import_is_sharded_over_the_mesh_and_in_our_layout(tmp_path, devices):
   weights, _, _ = write_hf_dir(tmp_path / "hf", dtype=ml_dtypes.bfloat16)
   model = hf.load(tmp_path / "hf", mesh=MeshConfig(data=2, fsdp=4))
   q = model.params["blocks"]["q_proj"]
-  assert q.dtype == np.dtype("bfloat16") and model.config.model.param_dtype == "bfloat16"
+  assert q.dtype == np.dtype("bfloat16") and model.model_config.param_dtype == "bfloat16"
   assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
   assert q.addressable_shards[0].data.shape == (LAYERS, D // 4, HEADS, D // HEADS)  # d_model split 4 ways
   h = D // HEADS
@@ -134,8 +134,11 @@ def converted(tmp_path_factory):
 def test_converted_workdir_serves_scores_and_exports(converted):
   root, config, ids = converted
   model = serving.load(str(root / "work"))
-  assert model.is_chat and model.config.diffusion.mask_token_id == ids["<|mdm_mask|>"]
+  assert model.chat and model.mask_id == ids["<|mdm_mask|>"]
   assert model.tokenizer.eos_id == ids["<|endoftext|>"]
+  # The flag is stored: the checkpoint's config holds it, and no training settings were invented.
+  saved = json.loads((root / "work" / "config.json").read_text())
+  assert saved["model"]["chat"] is True and set(saved) == {"model", "diffusion", "mesh"}
   out = model.complete(["hello there"], gen_length=8, steps=8, block_length=8)[0]
   assert len(out.raw_ids) == 8 and ids["<|mdm_mask|>"] not in out.raw_ids
   scorer = evaluate.Scorer.from_loaded(model)
@@ -246,6 +249,13 @@ def test_convert_cli_reports_errors_in_one_line(tmp_path):
   assert not (tmp_path / "work").exists()  # nothing written before the checks
 
 
+def test_instruct_flag_overrides_the_folder_name(tmp_path, devices):
+  write_hf_dir(tmp_path / "LLaDA-tiny-Instruct")
+  hf.import_checkpoint(tmp_path / "LLaDA-tiny-Instruct", tmp_path / "work", instruct=False)
+  model = serving.load(str(tmp_path / "work"))
+  assert not model.chat and model.encode_prompt("hi")[0] == model.tokenizer.eos_id  # a base model's document
+
+
 def test_import_refuses_to_overwrite_a_workdir(tmp_path):
   write_hf_dir(tmp_path / "hf")
   hf.import_checkpoint(tmp_path / "hf", tmp_path / "work")
@@ -271,6 +281,6 @@ def test_released_8b_config_matches_the_sft_preset():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   preset = from_config_dict(module.get_config())
-  for field in set(imported.__dataclass_fields__) - set(train.EXECUTION_FIELDS):
+  for field in architecture_fields():
     assert getattr(imported, field) == getattr(preset.model, field), field
   assert preset.diffusion.mask_token_id == released["mask_token_id"]

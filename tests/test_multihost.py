@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import train
-from llada_jax.data import pipeline
+from llada_jax import objectives, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 OVERRIDES = {"train.num_steps": 6, "train.log_every": 1, "train.checkpoint_every": 100,
@@ -69,7 +68,7 @@ def test_two_process_run_checkpoints_resumes_and_matches_one_process(tmp_path, d
 
   # One process, 8 devices, the same global batches: host 0's rows, then host 1's.
   cfg = tiny_config(**OVERRIDES)
-  hosts = [pipeline.build_training_data(cfg, str(workdir), process_index=i, process_count=2).iterator
+  hosts = [objectives.training_data(cfg, str(workdir), process_index=i, process_count=2).iterator
            for i in range(2)]
   batches = iter(lambda: {"tokens": np.concatenate([next(h)["tokens"] for h in hosts])}, None)
   s = train.setup(cfg)

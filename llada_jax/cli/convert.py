@@ -27,12 +27,12 @@ _INSTRUCT = flags.DEFINE_enum("instruct", "auto", ["auto", "true", "false"],
 def main(argv):
   del argv
   instruct = None if _INSTRUCT.value == "auto" else _INSTRUCT.value == "true"
-  config = hf.import_checkpoint(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, compute_dtype=_COMPUTE.value,
-                                instruct=instruct)
-  m = config.model
-  kind = "instruct (chat template)" if config.diffusion.objective == "sft" else "base"
+  model = hf.import_checkpoint(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, compute_dtype=_COMPUTE.value,
+                               instruct=instruct)
+  m = model.model_config
+  kind = "instruct (chat template)" if model.chat else "base"
   print(f"wrote {_OUT.value}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
-        f"{m.param_dtype} parameters, {kind} model, mask id {config.diffusion.mask_token_id}")
+        f"{m.param_dtype} parameters, {kind} model, mask id {model.mask_id}")
   return 0
 
 

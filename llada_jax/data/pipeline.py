@@ -196,35 +196,67 @@ def _shared_tokenizer(make: Callable[[], Any]) -> Any:
   return tok if tok is not None else make()
 
 
-def build_training_data(config: Config, workdir: str, *, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainingData:
-  """Tokenizer + host-local training iterator for `config`; the tokenizer is kept in the workdir.
-
-  The iterator yields this host's rows of each global batch; `process_index`/`process_count` (default:
-  this process's) name another host's share, e.g. to rebuild a multi-host run's global batches.
-  """
-  d, t = config.data, config.train
+def _host(config: Config, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+  """(this host's index, host count, rows of each global batch this host yields)."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  batch = host_batch_size(t.batch_size, pc)
-  tok_source = d.tokenizer_path or (_inherited_tokenizer(t.init_from) if t.init_from else "")
+  return pi, pc, host_batch_size(config.train.batch_size, pc)
 
-  if config.diffusion.objective == "sft":
-    conversations = sft_conversations(d)
-    docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
-    sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
-                                        _conversation_texts(conversations, d.tokenizer_train_docs))
-    tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
-        workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, tok_source))
-    ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=d.shuffle_seed,
-                         process_index=pi, process_count=pc)
-    prompts = []
-    for i in range(min(t.num_samples, len(conversations))):
-      history, _ = sft.conversation_pairs(conversations[i]["messages"])[0]
-      prompts.append((history[-1]["content"], sft.render_prompt(history, tok)))
-    return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
-                        f"SFT data: {len(conversations)} conversations ({d.source})", None, prompts)
 
+def _tokenizer_source(config: Config) -> str:
+  d, t = config.data, config.train
+  return d.tokenizer_path or (_inherited_tokenizer(t.init_from) if t.init_from else "")
+
+
+# Data builders of the objectives (llada_jax.objectives names one pair per objective). Each training
+# builder returns the tokenizer (kept in the workdir) and this host's training iterator; its
+# `process_index`/`process_count` (default: this process's) name another host's share, e.g. to rebuild
+# a multi-host run's global batches. Each eval builder returns the held-out split as
+# `train.eval_batches` host-local batches, fixed for the whole run so every validation sees the same
+# data: built-in data holds out fresh documents (or chats) about the same world (another sample seed);
+# files come from `data.eval_paths`, TFDS from `data.tfds_eval_split`.
+
+
+def sft_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+                      process_count: int | None = None) -> TrainingData:
+  """SFT: conversations (history -> answer pairs) in the chat template; fields tokens, prompt_len, valid."""
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  conversations = sft_conversations(d)
+  docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
+  sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
+                                      _conversation_texts(conversations, d.tokenizer_train_docs))
+  tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
+      workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, _tokenizer_source(config)))
+  ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=d.shuffle_seed,
+                       process_index=pi, process_count=pc)
+  prompts = []
+  for i in range(min(t.num_samples, len(conversations))):
+    history, _ = sft.conversation_pairs(conversations[i]["messages"])[0]
+    prompts.append((history[-1]["content"], sft.render_prompt(history, tok)))
+  return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
+                      f"SFT data: {len(conversations)} conversations ({d.source})", None, prompts)
+
+
+def sft_eval_batches(config: Config, tok, *, process_index: int | None = None,
+                     process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  if d.source == "procedural":
+    conversations = sft.generate_conversations(_num_held_out(d), d.corpus_seed + 1, world_seed=d.corpus_seed)
+  else:
+    conversations = sft_conversations(dataclasses.replace(d, paths=d.eval_paths))
+  ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
+                       process_index=pi, process_count=pc)
+  return _first_batches(ds, t.eval_batches)
+
+
+def packed_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+                         process_count: int | None = None) -> TrainingData:
+  """Pre-training (and the causal baseline): documents packed into `seq_len` rows; field tokens."""
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  tok_source = _tokenizer_source(config)
   entropy = None
   if d.source == "procedural":
     documents: Sequence[Any] = corpus.generate_documents(d.num_documents, d.corpus_seed)
@@ -250,33 +282,26 @@ def build_training_data(config: Config, workdir: str, *, process_index: int | No
                       f"pre-training data: {len(documents)} documents ({d.source})", entropy, prompts)
 
 
-def build_eval_batches(config: Config, tok, *, process_index: int | None = None,
-                       process_count: int | None = None) -> list[dict[str, np.ndarray]]:
-  """The held-out split as `train.eval_batches` host-local batches, fixed for the whole run so every
-  validation sees the same data. Built-in data holds out fresh documents (or chats) about the same
-  world (another sample seed); files come from `data.eval_paths`, TFDS from `data.tfds_eval_split`."""
+def packed_eval_batches(config: Config, tok, *, process_index: int | None = None,
+                        process_count: int | None = None) -> list[dict[str, np.ndarray]]:
   d, t = config.data, config.train
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  batch = host_batch_size(t.batch_size, pc)
-  held_out_seed = d.corpus_seed + 1
-  num_held_out = max(200, d.num_documents // 10)
-  if config.diffusion.objective == "sft":
-    if d.source == "procedural":
-      conversations = sft.generate_conversations(num_held_out, held_out_seed, world_seed=d.corpus_seed)
-    else:
-      conversations = sft_conversations(dataclasses.replace(d, paths=d.eval_paths))
-    ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
-                         process_index=pi, process_count=pc)
+  pi, pc, batch = _host(config, process_index, process_count)
+  if d.source == "procedural":
+    documents: Sequence[Any] = corpus.generate_documents(_num_held_out(d), d.corpus_seed + 1,
+                                                         world_seed=d.corpus_seed)
+  elif d.source == "tfds":
+    documents = sources.make_source(dataclasses.replace(d, tfds_split=d.tfds_eval_split))
   else:
-    if d.source == "procedural":
-      documents: Sequence[Any] = corpus.generate_documents(num_held_out, held_out_seed,
-                                                           world_seed=d.corpus_seed)
-    elif d.source == "tfds":
-      documents = sources.make_source(dataclasses.replace(d, tfds_split=d.tfds_eval_split))
-    else:
-      documents = sources.make_source(dataclasses.replace(d, paths=d.eval_paths))
-    ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
-                        seed=0, process_index=pi, process_count=pc)
+    documents = sources.make_source(dataclasses.replace(d, paths=d.eval_paths))
+  ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
+                      seed=0, process_index=pi, process_count=pc)
+  return _first_batches(ds, t.eval_batches)
+
+
+def _num_held_out(d: DataConfig) -> int:
+  return max(200, d.num_documents // 10)
+
+
+def _first_batches(ds: grain.IterDataset, n: int) -> list[dict[str, np.ndarray]]:
   it = iter(ds)
-  return [next(it) for _ in range(t.eval_batches)]
+  return [next(it) for _ in range(n)]

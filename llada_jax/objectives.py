@@ -1,0 +1,139 @@
+"""Training objectives as values: one `Objective` record per `diffusion.objective`.
+
+A record holds everything that differs between objectives, so the train step, the memory plan, the data
+pipeline, serving and the converters read the record instead of comparing objective names:
+
+  batch          the fields of a training batch: name -> `Field(rank, dtype)`; data builders yield them,
+                 `train.setup` shards them, `plan.dry_run` sizes them
+  loss           a pure function `(score_fn, batch, rng, *, diffusion, frozen) -> diffusion.LossOutput`
+                 of a score function (llada_jax.diffusion.ScoreFn), the batch and a key
+  eval_metric    the name under which validation reports exp(loss): a bound or an exact perplexity
+  causal         the attention mask the objective trains (`model.causal` must equal it)
+  chat           whether it trains a chat model (the default of `model.chat`, stored in checkpoints)
+  frozen_state   None, or `(config, mesh) -> pytree` building non-trained state the loss reads (the slot
+                 a frozen reference model uses for preference optimisation); built once per run, never
+                 differentiated, sharded by the caller
+  training_data  `(config, workdir, *, process_index, process_count) -> pipeline.TrainingData`
+  eval_batches   `(config, tokenizer, *, process_index, process_count) -> list of host batches`
+
+Adding an objective = one `register(Objective(...))` entry here, its data builder in llada_jax/data (or
+an existing one) and its tests; config validation, the step, the plan and serving pick it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from llada_jax import diffusion as diffusion_lib
+from llada_jax.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One batch field: its rank (the leading axis is always the batch) and its numpy dtype."""
+
+  rank: int
+  dtype: str
+
+
+# (score_fn, batch, rng, *, diffusion: config.DiffusionConfig, frozen) -> LossOutput
+LossFn = Callable[..., diffusion_lib.LossOutput]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  batch: Mapping[str, Field]
+  loss: LossFn
+  eval_metric: str
+  causal: bool
+  chat: bool
+  training_data: Callable[..., pipeline.TrainingData]
+  eval_batches: Callable[..., list]
+  frozen_state: Callable[..., Any] | None = None
+
+  def batch_ranks(self) -> dict[str, int]:
+    return {name: f.rank for name, f in self.batch.items()}
+
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the objective when `batch` lacks a field or has an unknown one."""
+    if set(batch) != set(self.batch):
+      raise ValueError(f"a '{self.name}' batch needs fields {sorted(self.batch)}; got {sorted(batch)}")
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+  if objective.name in _REGISTRY:
+    raise ValueError(f"objective {objective.name!r} is registered twice")
+  _REGISTRY[objective.name] = objective
+  return objective
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> Objective:
+  """The record of `name`; an unknown name is a config error naming the field and the choices."""
+  if name not in _REGISTRY:
+    raise ValueError(f"config field 'diffusion.objective' must be one of {names()}; got {name!r}")
+  return _REGISTRY[name]
+
+
+def of(config) -> Objective:
+  """The record of a `Config`'s `diffusion.objective`."""
+  return get(config.diffusion.objective)
+
+
+def training_data(config, workdir: str, **host: Any) -> pipeline.TrainingData:
+  """Tokenizer + host-local training iterator of `config`'s objective (see `Objective.training_data`)."""
+  return of(config).training_data(config, workdir, **host)
+
+
+def eval_batches(config, tok, **host: Any) -> list[dict[str, np.ndarray]]:
+  """The held-out batches of `config`'s objective, fixed for the run (see `Objective.eval_batches`)."""
+  return of(config).eval_batches(config, tok, **host)
+
+
+def _pretrain_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
+  del frozen
+  return diffusion_lib.pretrain_objective(score_fn, rng, tokens_BL=batch["tokens"], mask_id=diffusion.mask_token_id,
+                                          eps=diffusion.noise_eps, random_length_prob=diffusion.random_length_prob)
+
+
+def _sft_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
+  del frozen
+  return diffusion_lib.sft_objective(score_fn, rng, tokens_BL=batch["tokens"], prompt_len_B=batch["prompt_len"],
+                                     mask_id=diffusion.mask_token_id, eps=diffusion.noise_eps,
+                                     valid_BL=batch["valid"])
+
+
+def _ar_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
+  del rng, diffusion, frozen
+  return diffusion_lib.ar_objective(score_fn, tokens_BL=batch["tokens"])
+
+
+_PACKED = {"tokens": Field(2, "int32")}
+
+PRETRAIN = register(Objective(
+    name="pretrain", batch=_PACKED, loss=_pretrain_loss, eval_metric="eval_ppl_bound", causal=False,
+    chat=False, training_data=pipeline.packed_training_data, eval_batches=pipeline.packed_eval_batches))
+
+# SFT batches: tokens [B, L]; prompt lengths [B]; `valid` [B, L] = positions up to the batch's longest
+# prompt + response (EOS padding counts up to there, as in the reference's pad-to-batch-max, while shapes
+# stay static).
+SFT = register(Objective(
+    name="sft", batch={"tokens": Field(2, "int32"), "prompt_len": Field(1, "int32"), "valid": Field(2, "bool")},
+    loss=_sft_loss, eval_metric="eval_ppl_bound", causal=False, chat=True,
+    training_data=pipeline.sft_training_data, eval_batches=pipeline.sft_eval_batches))
+
+# The autoregressive baseline: next-token prediction under a causal mask; validation is the exact NLL.
+AR = register(Objective(
+    name="ar", batch=_PACKED, loss=_ar_loss, eval_metric="eval_ppl", causal=True, chat=False,
+    training_data=pipeline.packed_training_data, eval_batches=pipeline.packed_eval_batches))

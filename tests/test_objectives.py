@@ -1,0 +1,113 @@
+"""The objective registry: records, their batch layouts, config validation, and the seam a new objective uses."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from llada_jax import config as config_lib, objectives, train
+from llada_jax.configs import default
+
+
+def _small(name: str, **overrides) -> config_lib.Config:
+  c = default.get_config("tiny")
+  if name == "sft":
+    c = default.sft(c)
+  elif name == "ar":
+    c.model.causal, c.diffusion.objective = True, "ar"
+  c.train.update(num_steps=2, num_samples=2, batch_size=8, seq_len=32)
+  c.data.update(num_documents=200, tokenizer_train_docs=200)
+  c.optim.update(warmup_steps=1, decay_steps=0)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return config_lib.from_config_dict(c)
+
+
+def test_registry_holds_the_three_objectives():
+  assert objectives.names() == ("pretrain", "sft", "ar")
+  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True]
+  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False]
+  assert objectives.get("ar").eval_metric == "eval_ppl" and objectives.get("sft").eval_metric == "eval_ppl_bound"
+
+
+def test_unknown_objective_is_refused_naming_the_field():
+  with pytest.raises(ValueError, match=r"config field 'diffusion.objective' must be one of .*'sft'.*; got 'dpo'"):
+    tiny_config(**{"diffusion.objective": "dpo"})
+  with pytest.raises(ValueError, match="diffusion.objective"):
+    objectives.get("dpo")
+
+
+def test_causal_must_match_the_objective():
+  with pytest.raises(ValueError, match=r"config field 'model.causal' must be True for diffusion.objective='ar'"):
+    tiny_config(**{"diffusion.objective": "ar"})
+  with pytest.raises(ValueError, match=r"'model.causal' must be False for diffusion.objective='sft'"):
+    tiny_config(**{"diffusion.objective": "sft", "model.causal": True})
+
+
+def test_chat_flag_resolves_from_the_objective_unless_set():
+  assert tiny_config().model.chat is False
+  assert tiny_config(**{"diffusion.objective": "sft"}).model.chat is True
+  assert tiny_config(**{"diffusion.objective": "sft", "model.chat": False}).model.chat is False
+  assert tiny_config(**{"model.chat": True}).model.chat is True
+  with pytest.raises(ValueError, match="config field 'model.chat' must be True, False or None"):
+    config_lib.ModelConfig(chat="yes")
+  # The resolved flag is what a checkpoint stores; one saved before the flag existed gets its objective's.
+  saved = tiny_config(**{"diffusion.objective": "sft"}).to_dict()
+  assert saved["model"]["chat"] is True
+  del saved["model"]["chat"]
+  assert config_lib.saved_model_config(saved).chat is True
+  saved["diffusion"]["objective"] = "pretrain"
+  assert config_lib.saved_model_config(saved).chat is False
+
+
+def test_field_metadata_splits_architecture_from_execution():
+  arch, execution = config_lib.architecture_fields(), config_lib.execution_fields()
+  assert {"attention_impl", "loss_chunk_size", "remat_policy", "scan_layers", "dtype"} <= set(execution)
+  assert {"vocab_size", "d_model", "num_layers", "causal"} <= set(arch)
+  assert not set(arch) & set(execution) and "chat" not in arch + execution
+  assert set(arch) | set(execution) | {"chat"} == {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "ar"])
+def test_batch_layout_matches_what_the_data_builder_yields(tmp_path, name):
+  cfg = _small(name, **({"train.eval_every": 1, "train.eval_batches": 1}))
+  record = objectives.of(cfg)
+  data = objectives.training_data(cfg, str(tmp_path))
+  held_out = objectives.eval_batches(cfg, data.tokenizer)
+  for batch in [next(data.iterator), held_out[0]]:
+    assert set(batch) == set(record.batch)
+    for field, spec in record.batch.items():
+      assert batch[field].ndim == spec.rank, field
+      assert batch[field].dtype == np.dtype(spec.dtype), field
+      assert batch[field].shape[0] == cfg.train.batch_size
+    record.check_batch(batch)
+  with pytest.raises(ValueError, match=f"a '{name}' batch needs fields"):
+    record.check_batch({"tokens": batch["tokens"], "extra": batch["tokens"]})
+  assert len(data.sample_prompts) == 2  # what the CLI completes after training
+
+
+def test_a_new_objective_is_one_registry_entry(monkeypatch, devices):
+  """The seam: an objective registered here (the pre-training loss scaled by a frozen, non-trained value
+  that its `frozen_state` builds and its loss reads) trains through train.setup with no other change."""
+  def frozen_state(config, mesh):
+    return {"scale": jax.device_put(np.float32(2.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
+
+  def loss(score_fn, batch, rng, *, diffusion: config_lib.DiffusionConfig, frozen):
+    out = objectives.get("pretrain").loss(score_fn, batch, rng, diffusion=diffusion, frozen=None)
+    return out._replace(loss=out.loss * frozen["scale"])
+
+  toy = dataclasses.replace(objectives.get("pretrain"), name="toy", loss=loss, frozen_state=frozen_state)
+  monkeypatch.setitem(objectives._REGISTRY, "toy", toy)
+  results = {}
+  for name in ("pretrain", "toy"):
+    cfg = tiny_config(**{"diffusion.objective": name, "train.batch_size": 8, "train.seq_len": 16})
+    s = train.setup(cfg)
+    assert s.objective is objectives.get(name)
+    state = s.init(train.root_key(cfg))
+    tokens = np.random.default_rng(0).integers(5, 100, (8, 16)).astype(np.int32)
+    _, history = train.run_steps(s, state, iter([{"tokens": tokens}]), 1)
+    results[name] = float(history[0]["loss"])
+  np.testing.assert_allclose(results["toy"], 2.0 * results["pretrain"], rtol=1e-6)
