@@ -141,6 +141,7 @@ class Checkpointer:
       self._state_save = ocp.args.PyTreeSave
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._writing: int | None = None  # the step of the last save started
+    self._unreported: list[int] = []  # steps saved whose completion `committed` has not reported yet
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -159,9 +160,25 @@ class Checkpointer:
     self.wait()  # the previous write's error belongs to that step (Orbax would wait here anyway)
     self._writing = step
     try:
-      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+      started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # Orbax raises a write's error as is (OSError, ValueError, ...)
       raise self._save_failed(step, e) from e
+    if started:
+      self._unreported.append(step)
+    return started
+
+  def committed(self) -> list[int]:
+    """Steps saved since the last call that are now complete on disk (each reported once), without
+    blocking: a step still being written waits for a later call. A failed write raises
+    errors.RunHalted, as `wait` does."""
+    if self._unreported and self._manager.is_saving_in_progress():
+      # Only the newest can still be writing: each save waits for the previous one to finish.
+      done, self._unreported = self._unreported[:-1], self._unreported[-1:]
+      return done
+    if self._unreported:
+      self.wait()  # returns at once (the write has ended); raises if it failed
+    done, self._unreported = self._unreported, []
+    return done
 
   def _save_failed(self, step: int, e: Exception) -> errors.RunHalted:
     try:

@@ -144,9 +144,9 @@ def test_trained_causal_workdir_serves_left_to_right(tmp_path):
   assert len(out) == 2 and all(isinstance(r.text, str) and len(r.raw_ids) == 6 for r in out)
   assert all(1 <= r.steps <= 6 and r.commit_step == list(range(6)) for r in out)
   assert all(m.tokenizer.mask_id not in r.raw_ids for r in out)
-  # End-of-training samples (train.print_samples passes the reverse-process steps) work for it too.
+  # End-of-training samples (train.sample_completions passes the reverse-process steps) work for it too.
   tok = m.tokenizer
-  samples = train.print_samples(cfg, train.setup(cfg), m.params, tok, [("a", [tok.eos_id] + tok.encode("a"))])
+  samples = train.sample_completions(cfg, train.setup(cfg), m.params, tok, [("a", [tok.eos_id] + tok.encode("a"))])
   assert len(samples) == 1 and samples[0][0] == "a"
   with pytest.raises(ValueError, match="remasking"):
     m.complete(["x"], gen_length=4, remasking="random")

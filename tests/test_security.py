@@ -13,6 +13,9 @@ UNSAFE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve
                   "subprocess", "pty"}
 UNSAFE_CALLS = {"eval", "exec", "system", "popen", "spawnl", "spawnlp", "spawnv", "spawnvp", "execv", "execvp",
                 "execl", "execlp", "getoutput", "getstatusoutput", "Popen", "check_output", "check_call"}
+# The one module that starts processes: the kill-and-restart soak runs `llada-train` (an argument list,
+# never a shell; `shell=` and everything else stay forbidden there too).
+STARTS_PROCESSES = {"llada_jax/testing/soak.py": ({"subprocess"}, {"Popen"})}
 
 
 def _sources():
@@ -23,16 +26,18 @@ def _sources():
 
 def _problems(source: str, name: str) -> list[str]:
   tree = ast.parse(source, filename=name)
+  allowed_modules, allowed_calls = STARTS_PROCESSES.get(name, (set(), set()))
+  unsafe_modules, unsafe_calls = UNSAFE_MODULES - allowed_modules, UNSAFE_CALLS - allowed_calls
   found = []
   for node in ast.walk(tree):
     where = f"{name}:{getattr(node, 'lineno', '?')}"
     if isinstance(node, ast.Import):
-      found += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
-    elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+      found += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in unsafe_modules]
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in unsafe_modules:
       found.append(f"{where} imports from {node.module}")
     elif isinstance(node, ast.Call):
       name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-      if name in UNSAFE_CALLS:
+      if name in unsafe_calls:
         found.append(f"{where} calls {name}()")
       if name == "load" and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") in ("np", "numpy"):
         safe = any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import config as config_lib, optim, sharding, train
+from llada_jax import config as config_lib, events, optim, sharding, train
 from llada_jax.configs import default
 from llada_jax.data import corpus, pipeline, tokenizer
 
@@ -114,11 +114,13 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, devices):
   cfg = tiny_config(**{"train.num_steps": 12, "train.checkpoint_every": 3, "train.num_samples": 0})
   full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
   part = train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=6)
-  assert part["step"] == 6
+  assert part["step"] == 6 and not part["finished"] and not part["preempted"]
   tok_file = tmp_path / "resumed" / tokenizer.TOKENIZER_FILE
   tok_bytes = tok_file.read_bytes()
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
-  assert resumed["step"] == 12
+  assert resumed["step"] == 12 and resumed["finished"]
+  ends = [(e["step"], e["finished"]) for e in events.read_events(str(tmp_path / "resumed")) if e["event"] == "done"]
+  assert ends == [(6, False), (12, True)]  # stop_at ended the first run early, the second finished
   assert tok_file.read_bytes() == tok_bytes  # the tokenizer is reused, not retrained
   for a, b in zip(_leaves(full["state"]), _leaves(resumed["state"])):
     np.testing.assert_array_equal(a, b)
@@ -142,9 +144,14 @@ def test_resume_with_multiprocess_prefetch_matches_uninterrupted(tmp_path, devic
 
 
 def test_demo_run_prints_samples(tmp_path, devices, capsys):
+  """The loop returns what the samples need; `print_samples`, which llada-train calls once a run has
+  finished, completes and prints them (the library loop prints none itself)."""
   cfg = tiny_config(**{"train.num_steps": 4, "optim.warmup_steps": 1})
   out = train.train_and_evaluate(cfg, str(tmp_path))
-  assert len(out["samples"]) == cfg.train.num_samples
+  assert out["finished"] and len(out["sample_prompts"]) == cfg.train.num_samples
+  assert "sample: " not in capsys.readouterr().out
+  samples = train.print_samples(cfg, out)
+  assert len(samples) == cfg.train.num_samples
   assert "sample: " in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""`llada-train`: train (or resume) a model from a config file, then print samples.
+"""`llada-train`: train (or resume) a model from a config file, then print samples once it has finished.
 
   llada-train --config=configs/demo.py --workdir=/tmp/llada_demo [--config.train.num_steps=200]
 
@@ -6,6 +6,8 @@ Several hosts (a TPU slice, GPU nodes) run this same command on every host: `--d
 VMs and under SLURM (JAX finds the coordinator itself), or `--coordinator_address`, `--num_processes`
 and `--process_id` elsewhere. `--dry_run` / `--print_shardings` inspect a config without training.
 """
+
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -53,9 +55,13 @@ def main(argv):
       print(plan.dry_run(s).table())
     return 0
   summary = train.train_and_evaluate(config, _WORKDIR.value, stop_at=_STOP_AT.value)
+  t_samples = time.time()
+  if summary["finished"]:  # a stopped or preempted run shows its samples when a later one finishes it
+    train.print_samples(config, summary)
   m = summary["metrics"]
+  wall = summary["wall_time_s"] + time.time() - t_samples
   print(f"done: step {summary['step']}{' (preempted)' if summary['preempted'] else ''}, "
-        f"loss {m.get('loss', float('nan')):.4f}, wall time {summary['wall_time_s']:.0f}s")
+        f"loss {m.get('loss', float('nan')):.4f}, wall time {wall:.0f}s")
   return 0
 
 

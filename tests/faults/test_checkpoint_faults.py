@@ -14,11 +14,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from llada_jax import checkpoint as ckpt_lib, errors, train
+from llada_jax import checkpoint as ckpt_lib, errors, events, train, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = {"train.num_steps": 4, "train.checkpoint_every": 2, "train.num_samples": 0, "train.log_every": 1,
          "optim.warmup_steps": 1}
+
+
+def _events(workdir):
+  return [(e["event"], e["step"]) for e in events.read_events(str(workdir))]
 
 
 def _params_of(result):
@@ -35,6 +39,11 @@ def reference(tmp_path_factory):
   """One uninterrupted 4-step run with checkpoints at steps 2 and 4: its final parameters and a copy."""
   workdir = tmp_path_factory.mktemp("reference")
   result = train.train_and_evaluate(tiny_config(**STEPS), str(workdir))
+  # What the run recorded (each save first started, then complete), and the workdir given back.
+  assert _events(workdir) == [("started", None), ("saving", 2), ("saved", 2), ("saving", 4), ("saved", 4),
+                              ("done", 4)]
+  assert events.read_events(str(workdir))[-1]["finished"] is True
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
   return _params_of(result), workdir
 
 
@@ -72,6 +81,7 @@ def test_flipped_bytes_are_detected_and_the_previous_step_is_used(reference, tmp
   result, printed = _resume(workdir, capsys)
   assert "warning: checkpoint step 4" in printed and "does not match the checksum" in printed
   assert "resumed from step 2" in printed
+  assert _events(workdir)[6:] == [("started", None), ("resumed", 2), ("saving", 4), ("saved", 4), ("done", 4)]
   moved = os.listdir(workdir / ckpt_lib.QUARANTINE_DIR)
   assert len(moved) == 1 and moved[0].startswith("4-")  # kept for inspection, out of the way
   assert result["step"] == 4
@@ -118,6 +128,10 @@ def test_a_different_model_is_refused_not_treated_as_corrupt(reference, tmp_path
   with pytest.raises(ValueError, match="model.num_layers"):
     train.train_and_evaluate(tiny_config(**STEPS, **{"model.num_layers": 3}), str(workdir))
   assert not (workdir / ckpt_lib.QUARANTINE_DIR).exists()
+  # The error ended the run: recorded, and the workdir given back.
+  last = events.read_events(str(workdir))[-1]
+  assert last["event"] == "failed" and last["error"].startswith("ValueError: config field 'model.num_layers'")
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
   assert sorted(ckpt_lib.Checkpointer(str(workdir), read_only=True).all_steps()) == [2, 4]
 
 
@@ -155,6 +169,10 @@ def test_a_failed_write_halts_naming_the_last_complete_step(tmp_path, monkeypatc
                                              r"checkpoint is step 2\. Free space"):
     train.train_and_evaluate(tiny_config(**STEPS), str(tmp_path))
   monkeypatch.undo()
+  # A failed write halts the run: recorded (step 2 complete, 4 never), and the workdir given back.
+  assert _events(tmp_path)[-3:] == [("saving", 2), ("saved", 2), ("halted", 4)]
+  assert "writing checkpoint step 4" in events.read_events(str(tmp_path))[-1]["error"]
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert ckpt.all_steps() == [2]
   step, _ = ckpt.restore_latest_good(train.setup(tiny_config(**STEPS)).abstract_state)

@@ -1,24 +1,21 @@
 """Training survives being killed: real `llada-train` processes (one CPU device each) are sent SIGKILL
 at seeded random moments (startup before the tokenizer exists, mid-training, while Orbax is writing an
 async checkpoint) or SIGTERM, and restarted with the same command; the run must lose at most the bounded
-steps each time and end bit-identical to an uninterrupted run. Driven by benchmarks/soak.py."""
+steps each time and end bit-identical to an uninterrupted run, and its events.jsonl must tell that story.
+Driven by llada_jax.testing.soak (benchmarks/soak.py is its command line)."""
 
-import importlib.util
+import collections
 import json
 import os
 import shutil
 import signal
-import sys
 
 import numpy as np
 import pytest
 
+from llada_jax import events, workdir_lock
 from llada_jax.data import corpus, pipeline, tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("benchmarks_soak", os.path.join(REPO, "benchmarks", "soak.py"))
-soak = sys.modules["benchmarks_soak"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(soak)
+from llada_jax.testing import soak
 
 NUM_STEPS, EVERY = 40, 5
 ARGS = soak.config_args(NUM_STEPS, EVERY)
@@ -45,8 +42,8 @@ def test_sigkill_at_random_moments_then_restart_ends_identical(reference, tmp_pa
   kills = report.interruptions
   assert [i.signal for i in kills] == ["SIGKILL"] * 4 and all(i.exit_code == -signal.SIGKILL for i in kills)
   assert kills[0].phase.startswith("startup") and kills[0].step_at_signal is None  # before the first step
-  # The kill at the appearance of the save's tmp folder cut that write short: the folder is left
-  # behind, the restart goes back to the checkpoint before it.
+  # The kill as the save was recorded as started cut that write short: the restart goes back to the
+  # checkpoint before it.
   assert kills[1].phase == "saving" and kills[1].in_flight_save is not None
   assert kills[1].resumed == kills[1].in_flight_save - EVERY
   for i in kills:
@@ -59,6 +56,56 @@ def test_sigkill_at_random_moments_then_restart_ends_identical(reference, tmp_pa
   assert c.step == c.reference_step == NUM_STEPS
   assert c.params_equal and c.state_equal and c.differing == []  # ... the end is bit-identical,
   assert c.metrics_equal and c.metric_rows > NUM_STEPS  # every re-run step reproduced its loss
+  _check_events_after_kills(tmp_path, report)
+
+
+def _runs(workdir):
+  """events.jsonl as {pid: that process's events in order}, in the order the processes wrote."""
+  runs = collections.OrderedDict()
+  for e in events.read_events(str(workdir)):
+    runs.setdefault(e["pid"], []).append(e)
+  return runs
+
+
+def _check_events_after_kills(tmp_path, report):
+  """Each process recorded `started` first; a killed one ends without a closing event; every restart
+  recorded `resumed` at the newest complete step, never behind a step recorded as `saved`; the last
+  process saved what it started saving and ended with `done` at the final step. The lock a killed
+  process left was taken over by its restart, and the finished run gave the workdir back."""
+  run_dir = tmp_path / "run"
+  runs = _runs(run_dir)
+  kills = report.interruptions
+  killed = [runs[i.pid] for i in kills if i.pid in runs]
+  assert len(killed) >= len(kills) - 1  # the start-up kill may land before the run took the workdir
+  final = list(runs.values())[-1]
+  for run in list(runs.values()):
+    assert run[0]["event"] == "started" and run[0]["num_steps"] == NUM_STEPS, run
+    assert all(e["host"] == run[0]["host"] for e in run)
+  for run in killed:
+    assert not {"done", "preempted", "halted", "failed"} & {e["event"] for e in run}, run
+  saved_before = 0
+  for i in kills:
+    run = runs.get(i.pid, [])
+    resumed = [e["step"] for e in run if e["event"] == "resumed"]
+    if i.start_step:
+      assert resumed == [i.start_step]
+    assert resumed[0] >= saved_before if resumed else saved_before == 0
+    saved = [e["step"] for e in run if e["event"] == "saved"]
+    saving = [e["step"] for e in run if e["event"] == "saving"]
+    assert saved == saving[:len(saved)] and len(saving) - len(saved) <= 1  # at most the last one cut short
+    assert i.newest_saved_event == (max(saved) if saved else None)
+    saved_before = max([saved_before] + saved)
+    assert i.resumed >= saved_before  # the restart found every step recorded as saved
+  kinds = [e["event"] for e in final]
+  assert [e["step"] for e in final if e["event"] == "resumed"] == ([kills[-1].resumed] if kills[-1].resumed else [])
+  assert [e["step"] for e in final if e["event"] == "saving"] == [e["step"] for e in final if e["event"] == "saved"]
+  assert kinds[-1] == "done" and final[-1]["step"] == NUM_STEPS and final[-1]["finished"]
+  # Training processes held the workdir when killed; each restart took the lock over, naming the pid.
+  for i in kills[1:]:
+    assert i.lock_left
+    restart_log = (tmp_path / "logs" / f"attempt_{i.attempt + 1:03d}.log").read_text()
+    assert "warning: taking over the workdir lock" in restart_log and f"pid {i.pid}," in restart_log
+  assert not (run_dir / workdir_lock.LOCK_FILE).exists()
 
 
 def test_sigterm_saves_the_next_step_exits_0_and_the_restart_resumes_there(reference, tmp_path):
@@ -75,6 +122,14 @@ def test_sigterm_saves_the_next_step_exits_0_and_the_restart_resumes_there(refer
   assert report.ok, report.table()
   [i] = report.interruptions
   assert i.phase == "training" and i.exit_code == 0
+  # The events of the stopped process and of its restart, in full; the stop left no lock behind.
+  first, second = list(_runs(tmp_path / "soak" / "run").values())
+  assert [(e["event"], e["step"]) for e in first] == [
+      ("started", None), ("saving", i.stop_saved), ("saved", i.stop_saved), ("preempted", i.stop_saved)]
+  assert [(e["event"], e["step"]) for e in second] == [
+      ("started", None), ("resumed", i.stop_saved), ("saving", 20), ("saved", 20), ("saving", NUM_STEPS),
+      ("saved", NUM_STEPS), ("done", NUM_STEPS)]
+  assert not i.lock_left and not (stopped / workdir_lock.LOCK_FILE).exists()
   log = (tmp_path / "soak" / "logs" / "attempt_001.log").read_text()
   assert f"stop requested (SIGTERM): saved step {i.stop_saved}; rerun the same command to resume" in log
   # Saved at a step boundary after the signal and before step 20, ran nothing after it, left no
@@ -114,9 +169,13 @@ def test_interruption_checks_flag_lost_work():
   assert soak.check_interruption(_interruption(**term), EVERY) == []
   problems = " ".join(soak.check_interruption(
       _interruption(**{**term, "stop_saved": 15, "newest_complete": 15, "resumed": 15}), EVERY))
-  assert "lost 2 steps (bound 0)" in problems and "stop message says step 15" in problems
+  assert "lost 2 steps (bound 0)" in problems and "preempted event says step 15" in problems
   assert "exit -15" in " ".join(soak.check_interruption(_interruption(**{**term, "exit_code": -15}), EVERY))
   assert "no later process" in " ".join(soak.check_interruption(_interruption(resumed=None), EVERY))
+  # `saved` must mean complete on disk; and a process that exited 0 gave its workdir back.
+  assert "events.jsonl says step 20 was saved, but the newest complete checkpoint is 15" in " ".join(
+      soak.check_interruption(_interruption(newest_saved_event=20), EVERY))
+  assert "left its workdir lock" in " ".join(soak.check_interruption(_interruption(**{**term, "lock_left": True}), EVERY))
 
 
 def test_packed_data_resumes_exactly_from_a_json_saved_state():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import checkpoint as ckpt_lib, errors, train
+from llada_jax import checkpoint as ckpt_lib, errors, events, train, workdir_lock
 
 BASE = {"train.num_steps": 8, "train.checkpoint_every": 2, "train.num_samples": 0, "train.log_every": 1,
         "optim.warmup_steps": 1}
@@ -20,8 +20,8 @@ def _poison_steps(monkeypatch, steps):
   that step's batch with a negative token, the patched loss turns a marked batch into NaN."""
   real_loss, real_batch, calls = train._loss, train.global_batch, []
 
-  def loss(config, graphdef, params, batch, rng):
-    value, out = real_loss(config, graphdef, params, batch, rng)
+  def loss(config, graphdef, params, batch, rng, *rest):
+    value, out = real_loss(config, graphdef, params, batch, rng, *rest)
     return value * jnp.where(jnp.any(batch["tokens"] < 0), jnp.nan, 1.0), out
 
   def global_batch(s, host_batch):
@@ -86,6 +86,13 @@ def test_a_streak_halts_and_names_the_last_good_checkpoint(monkeypatch, tmp_path
   msg = str(e.value)
   assert msg.startswith("halted at step 7: 3 steps in a row had a non-finite loss or gradients")
   assert "train.max_nonfinite_streak=3" in msg and f"step 6 in {tmp_path}/checkpoints" in msg
+  # events.jsonl: the run halted one step after the streak's last step (flags are read one step late),
+  # after steps 2, 4 and 6 were complete; the workdir is free again.
+  recorded = events.read_events(str(tmp_path))
+  assert [(r["event"], r["step"]) for r in recorded if r["event"] in ("saved", "halted")] == [
+      ("saved", 2), ("saved", 4), ("saved", 6), ("halted", 8)]
+  assert recorded[-1]["error"] == f"RunHalted: {msg}"
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
   # Step 6 was saved mid-streak, but skipped steps left its parameters those of step 4: still good.
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   step, state = ckpt.restore_latest_good(train.setup(cfg).abstract_state)
