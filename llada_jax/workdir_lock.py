@@ -223,6 +223,9 @@ class WorkdirLock:
         holder = _parse(found.download_as_bytes(if_generation_match=found.generation))
       except (exceptions.PreconditionFailed, exceptions.NotFound):
         continue  # replaced or released meanwhile: look again
+      if holder is not None and holder.get("token") == self.record["token"]:
+        self._generation = found.generation  # our own upload, retried after its reply was lost
+        return
       self._check_stale(holder)
       try:
         found.delete(if_generation_match=found.generation)  # only the lock judged stale

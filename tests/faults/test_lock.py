@@ -124,3 +124,88 @@ def test_only_one_of_many_runs_takes_over_a_stale_lock(tmp_path):
   for lock in locks:
     lock.release()  # only the winner's release removes the file
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+
+class _FakeBucket:
+  """Cloud Storage objects as {name: (generation, bytes)} with its generation preconditions, for the
+  parts of google-cloud-storage the gs:// lock uses (the real service cannot be reached from CI)."""
+
+  def __init__(self):
+    self.objects, self.generations = {}, 0
+
+  def _check(self, name, if_generation_match):
+    current = self.objects.get(name)
+    if if_generation_match is not None and (current[0] if current else 0) != if_generation_match:
+      raise _FakeExceptions.PreconditionFailed(name)
+    if current is None and if_generation_match != 0:
+      raise _FakeExceptions.NotFound(name)
+    return current
+
+  def blob(self, name, generation=None):
+    bucket = self
+
+    class Blob:
+      def __init__(self):
+        self.name, self.generation = name, generation
+
+      def upload_from_string(self, data, content_type=None, if_generation_match=None):
+        if if_generation_match is not None:
+          bucket._check(name, if_generation_match)
+        bucket.generations += 1
+        bucket.objects[name] = (bucket.generations, bytes(data))
+        self.generation = bucket.generations
+
+      def download_as_bytes(self, if_generation_match=None):
+        return bucket._check(name, if_generation_match)[1]
+
+      def delete(self, if_generation_match=None):
+        bucket._check(name, if_generation_match)
+        del bucket.objects[name]
+
+    return Blob()
+
+  def get_blob(self, name):
+    return self.blob(name, self.objects[name][0]) if name in self.objects else None
+
+
+class _FakeExceptions:
+  class PreconditionFailed(Exception):
+    pass
+
+  class NotFound(Exception):
+    pass
+
+
+def test_the_gs_lock_protocol_against_a_fake_bucket(monkeypatch):
+  """The gs:// branch (generation preconditions) with the same decisions as a local folder: take,
+  refuse while held, give back only its own object, take over a dead holder's, refuse another host's."""
+  import types
+  bucket = _FakeBucket()
+  storage = types.SimpleNamespace(Client=lambda: types.SimpleNamespace(bucket=lambda name: bucket))
+  monkeypatch.setitem(sys.modules, "google.cloud", types.SimpleNamespace(storage=storage))
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", storage)
+  monkeypatch.setitem(sys.modules, "google.api_core", types.SimpleNamespace(exceptions=_FakeExceptions))
+  monkeypatch.setitem(sys.modules, "google.api_core.exceptions", _FakeExceptions)
+  name = "runs/a/lock.json"
+  held = lambda: json.loads(bucket.objects[name][1]) if name in bucket.objects else None
+
+  first = workdir_lock.WorkdirLock("gs://bucket/runs/a")
+  first.acquire()
+  assert held()["token"] == first.record["token"]
+  with pytest.raises(workdir_lock.WorkdirInUse, match=rf"host {socket.gethostname()}, pid {os.getpid()}, "):
+    workdir_lock.WorkdirLock("gs://bucket/runs/a").acquire()
+  first.release()
+  assert held() is None
+
+  bucket.blob(name).upload_from_string(json.dumps(_stale_record()).encode())  # a killed run's lock
+  warnings = []
+  second = workdir_lock.WorkdirLock("gs://bucket/runs/a", log=warnings.append)
+  second.acquire()
+  assert held()["token"] == second.record["token"] and len(warnings) == 1 and "no longer running" in warnings[0]
+  bucket.objects[name] = (99, json.dumps(_stale_record(token="a later run")).encode())  # replaced meanwhile
+  second.release()
+  assert held()["token"] == "a later run"  # not this run's object any more: left alone
+
+  bucket.objects[name] = (100, json.dumps(_stale_record(host="elsewhere")).encode())
+  with pytest.raises(workdir_lock.WorkdirInUse, match=r"host elsewhere, .*if that run is gone, delete gs://"):
+    workdir_lock.WorkdirLock("gs://bucket/runs/a").acquire()
