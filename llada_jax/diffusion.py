@@ -216,6 +216,30 @@ def ar_objective(score_fn: ScoreFn, *, tokens_BL: jax.Array,
                          valid_BL=valid_BL)
 
 
+# --- Classifier-free guidance (REFERENCE §4 step 3, §5) ------------------------------------------------
+
+
+def unconditional_tokens(tokens_BL: jax.Array, *, prompt_BL: jax.Array, mask_id: int) -> jax.Array:
+  """The unconditional input of classifier-free guidance: every prompt position set to the mask id.
+
+  `prompt_BL` (bool, broadcastable to tokens_BL) marks what the guidance conditions on. Example:
+  tokens [[7, 8, M, 9]] with prompt [[T, T, F, F]] -> [[M, M, M, 9]].
+  """
+  return jnp.where(prompt_BL, jnp.asarray(mask_id, tokens_BL.dtype), tokens_BL)
+
+
+def guided_logits(cond_BLV: jax.Array, uncond_BLV: jax.Array, *, scale: float | jax.Array) -> jax.Array:
+  """Classifier-free guidance in float32: `uncond + (scale + 1) * (cond - uncond)`, as the release does.
+
+  `scale` 0 is the conditional logits (up to rounding; callers skip guidance then), larger pushes away
+  from the unconditional prediction.
+  The sampler and `conditional_elbo` both run `[cond; uncond]` as one doubled batch (the uncond half
+  from `unconditional_tokens`) and combine the halves here. Example: cond 2, uncond 1, scale 1 -> 3.
+  """
+  cond, uncond = cond_BLV.astype(jnp.float32), uncond_BLV.astype(jnp.float32)
+  return uncond + (scale + 1.0) * (cond - uncond)
+
+
 # --- Likelihood estimators (REFERENCE §5) --------------------------------------------------------------
 
 
@@ -263,7 +287,8 @@ def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Ar
   estimator='t' (§2's bound): t ~ U(0, 1), p = (1 - eps) t + eps, each response token masked with
     probability p, estimate sum_masked log p(r_i | ...) / p.
   Both are unbiased for the same ELBO; 'l' has far lower variance. The prompt is never masked. With
-  cfg_scale > 0 the logits are uncond + (scale + 1)(cond - uncond), uncond having the prompt masked.
+  cfg_scale > 0 the logits are `guided_logits` (uncond + (scale + 1)(cond - uncond), uncond having the
+  prompt masked by `unconditional_tokens`).
   For a one-token response, 'l' always masks that token with weight 1: the estimate is exact.
   `rng_B` holds one key per row, so a row's estimate does not depend on which rows share its batch.
   """
@@ -291,11 +316,9 @@ def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Ar
     raise ValueError(f"estimator must be 'l' or 't'; got {estimator!r}")
   noisy_NL = jnp.where(masked_NL, jnp.asarray(mask_id, tokens_NL.dtype), tokens_NL)
   if cfg_scale > 0:
-    prompt_NL = valid_NL & ~resp_NL
-    uncond_NL = jnp.where(prompt_NL, jnp.asarray(mask_id, tokens_NL.dtype), noisy_NL)
+    uncond_NL = unconditional_tokens(noisy_NL, prompt_BL=valid_NL & ~resp_NL, mask_id=mask_id)
     both = logits_fn(jnp.concatenate([noisy_NL, uncond_NL]), jnp.concatenate([valid_NL, valid_NL]))
-    cond, uncond = both[: B * S].astype(jnp.float32), both[B * S:].astype(jnp.float32)
-    logits_NLV = uncond + (cfg_scale + 1.0) * (cond - uncond)
+    logits_NLV = guided_logits(both[: B * S], both[B * S:], scale=cfg_scale)
   else:
     logits_NLV = logits_fn(noisy_NL, valid_NL)
   logp_NL = token_logprob(logits_NLV, tokens_NL)

@@ -1,18 +1,33 @@
-"""The reverse process: start from a fully masked answer and unmask it step by step (REFERENCE §4, §8).
+"""The reverse process: start from masked positions and unmask them step by step (REFERENCE §4, §8).
 
 `generate` follows the official LLaDA sampler: `gen_length` masked positions after the prompt, split
 into `gen_length / block_length` semi-autoregressive blocks (one block = pure diffusion); each block gets
 `steps / num_blocks` steps and commits, at step i, the official transfer count of its masked positions,
 chosen by the remasking rule among the current block's masked positions. Options: temperature
-(Gumbel-max), classifier-free guidance, EOS-logit and EOS/EOT-confidence suppression, Fast-dLLM's
-confidence-threshold parallel decoding, Fast-dLLM's block-wise approximate KV cache (prefix or dual),
-and early exit once a row's remaining positions can only be EOS. With every option at its default the
-output is the official algorithm's.
+(Gumbel-max), classifier-free guidance (`diffusion.guided_logits`, shared with the likelihood code),
+EOS-logit and EOS/EOT-confidence suppression, Fast-dLLM's confidence-threshold parallel decoding,
+Fast-dLLM's block-wise approximate KV cache (prefix or dual), and early exit once a row's remaining
+positions can only be EOS. With every option at its default the output is the official algorithm's.
 
-`infill` runs the same reverse process over holes anywhere in a sequence (masks *before* known text:
-the reversal experiment), and `generate_causal` samples the autoregressive baseline left to right.
+`infill` is the same reverse process over holes anywhere in a sequence (masks *before* known text: the
+reversal experiment): `generate` with no prompt and a per-row transfer schedule. The autoregressive
+baseline's left-to-right sampler lives in `causal_sampling`.
 
-The whole loop is one `lax.while_loop` in one jitted program, compiled once per (shapes, options).
+The decode core (the seam every sampler plugs into):
+  * `DecodeState(step, x_BL, commit_step_BL, steps_B)` is all the loop carries;
+  * `_commit` is THE commit step: `_decide` picks, inside a window of positions, which masked positions
+    to commit and to what (remasking rule, transfer schedule or threshold, current block), then the
+    early-exit fill;
+  * `_decode` is THE loop: for each `Window` (static start/width, the span that keeps it open, a step
+    budget, whether its first step refreshes a KV cache), `lax.while_loop` over one model call on the
+    window and one `_commit`.
+A sampler only chooses the initial sequence (where the masks are), the transfer schedule and its
+windows: no cache = one window over the sequence; prefix/dual cache = one refreshed window per block;
+threshold decoding changes only the step budget and `_decide`'s rule. A block-diffusion sampler adds
+its windows (and the cache they read) here, not a loop of its own.
+
+Each sampler is one jitted program (the loop, all windows unrolled at trace time), compiled once per
+(shapes, options).
 
 Temperature: the release computes `exp(logits) / (-log u)^T` in float64. With `jax_enable_x64` on
 (CPU/GPU) we do the same; otherwise (and always on TPU, which has no float64) we take the argmax of the
@@ -30,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import model as model_lib
+from llada_jax import diffusion, model as model_lib
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 KV_CACHES = ("none", "prefix", "dual")
@@ -188,91 +203,161 @@ def _decide(cfg: SamplingConfig, logits_BWV, x_BW, pos_W, *, P: int, L: int, i, 
   return commit_BW, x0_BW
 
 
+# --- The decode core: one commit step, one loop --------------------------------------------------------
+
+
+class DecodeState(NamedTuple):
+  """What the decode loop carries from one step to the next."""
+
+  step: Any                  # global step index: seeds the step's noise, recorded in commit_step_BL
+  x_BL: jax.Array            # the sequence; mask_id where nothing is committed yet
+  commit_step_BL: jax.Array  # step at which each position was committed; -1 where it never was
+  steps_B: jax.Array         # steps during which each row still held a mask
+
+
+class Window(NamedTuple):
+  """One phase of decoding (static, so each window compiles to fixed shapes).
+
+  Every step of the phase recomputes logits for positions [start, start + width) only, and commits
+  among them. It lasts while some row still has a mask in [start, start + span), at most `max_steps`
+  steps. With `refresh` its first step is a full pass that also returns every layer's keys/values, and
+  the later steps read that KV cache instead of recomputing the rest of the sequence.
+  """
+
+  start: int
+  width: int
+  span: int
+  max_steps: int
+  refresh: bool = False
+
+
+def _windows(cfg: SamplingConfig, *, P: int, L: int) -> tuple[Window, ...]:
+  """`generate`'s phases. Without a cache: one window over the whole sequence (the current block is
+  chosen inside the commit step). Fast-dLLM's block-wise approximate KV cache: one window per block,
+  refreshed at the block's start; later steps recompute only the block and everything after it
+  (prefix cache) or the block alone (dual cache)."""
+  num_blocks = cfg.gen_length // cfg.block_length
+  if cfg.kv_cache == "none":
+    return (Window(0, L, L, cfg.gen_length if cfg.threshold is not None else cfg.steps),)
+  per_block = cfg.block_length if cfg.threshold is not None else cfg.steps // num_blocks
+  return tuple(Window(start, cfg.block_length if cfg.kv_cache == "dual" else L - start, cfg.block_length,
+                      per_block, refresh=True)
+               for start in range(P, L, cfg.block_length))
+
+
+def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_id: int):
+  """The logits source of the decode loop: `logits_of(x_BW, start=, cache=, return_cache=)`.
+
+  Without `cache` it is a full pass (x_BW is the whole sequence); with one, only the window's tokens
+  run at positions `start...` against it. With classifier-free guidance the conditional and the
+  unconditional rows (`diffusion.unconditional_tokens`) run as one doubled batch, whose halves
+  `diffusion.guided_logits` combines; a cache built under guidance holds both halves.
+  """
+  guided = cfg_scale > 0
+  valid_in = jnp.concatenate([valid_BL, valid_BL]) if guided else valid_BL
+
+  def logits_of(x_BW, *, start: int = 0, cache=None, return_cache: bool = False):
+    B, W = x_BW.shape
+    kwargs = {"cache": cache, "offset": start} if cache is not None else {}
+    if return_cache:
+      kwargs["return_cache"] = True
+    if guided:
+      uncond_BW = x_BW
+      # Only an uncached pass hides the prompt. The KV-cache variants (their refresh pass included)
+      # have always run the unconditional half unchanged, so guidance has no effect with a cache;
+      # kept so that every option's outputs stay what they were.
+      if cache is None and not return_cache:
+        uncond_BW = diffusion.unconditional_tokens(x_BW, prompt_BL=(start + jnp.arange(W) < P)[None, :],
+                                                   mask_id=mask_id)
+      x_BW = jnp.concatenate([x_BW, uncond_BW])
+    out = model_lib.apply(graphdef, params, x_BW, valid_in, **kwargs)
+    logits, new_cache = out if return_cache else (out, None)
+    if guided:
+      logits = diffusion.guided_logits(logits[:B], logits[B:], scale=cfg_scale)
+    return logits, new_cache
+
+  return logits_of
+
+
+def _commit(state: DecodeState, logits_BWV: jax.Array, window: Window, *, decide, P: int, mask_id: int,
+            eos_id: int, early_exit: bool) -> DecodeState:
+  """THE commit step: one step's choices inside the window, then (optionally) the early-exit fill.
+
+  Rows with no mask left commit nothing and stop counting steps.
+  """
+  i, x_BL, commit_step_BL, steps_B = state
+  start, width = window.start, window.width
+  L = x_BL.shape[1]
+  x_BW = jax.lax.dynamic_slice_in_dim(x_BL, start, width, axis=1)
+  commit_BW, x0_BW = decide(logits_BWV, x_BW, start + jnp.arange(width), i=i)
+  row_active_B = jnp.any(x_BL == mask_id, axis=1)
+  commit_BW &= row_active_B[:, None]
+  x_BL = jax.lax.dynamic_update_slice_in_dim(x_BL, jnp.where(commit_BW, x0_BW, x_BW), start, axis=1)
+  step_BW = jax.lax.dynamic_slice_in_dim(commit_step_BL, start, width, axis=1)
+  commit_step_BL = jax.lax.dynamic_update_slice_in_dim(commit_step_BL, jnp.where(commit_BW, i, step_BW),
+                                                       start, axis=1)
+  if early_exit:
+    # A row whose every remaining masked position lies after a committed EOS can only produce EOS.
+    positions_L = jnp.arange(L)
+    eos_pos_B = jnp.min(jnp.where((x_BL == eos_id) & (positions_L >= P)[None, :], positions_L, L), axis=1)
+    still_BL = x_BL == mask_id
+    first_still_B = jnp.min(jnp.where(still_BL, positions_L, L), axis=1)
+    fill_BL = still_BL & (eos_pos_B < first_still_B)[:, None]
+    x_BL = jnp.where(fill_BL, eos_id, x_BL)
+    commit_step_BL = jnp.where(fill_BL, i, commit_step_BL)
+  return DecodeState(i + 1, x_BL, commit_step_BL, steps_B + row_active_B.astype(jnp.int32))
+
+
+def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: int, schedule,
+            windows: Sequence[Window], mask_id: int, eos_id: int, eot_id: int | None) -> DecodeState:
+  """THE decode loop, traced inside a sampler's jitted program: for each window, (a refresh step, then)
+  `while` the window is open, one model call on the window and one `_commit`.
+
+  `x_BL` holds mask_id wherever something is to be decoded; positions before `P` are the prompt (what
+  guidance hides, where blocks start counting, never EOS for early exit). `schedule` gives each step's
+  transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`).
+  """
+  B, L = x_BL.shape
+  steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
+  decide = functools.partial(_decide, cfg, P=P, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                             schedule=schedule, steps_per_block=steps_per_block)
+  commit = functools.partial(_commit, decide=decide, P=P, mask_id=mask_id, eos_id=eos_id,
+                             early_exit=cfg.early_exit)
+  logits_of = _model_logits(graphdef, params, valid_BL, P=P, cfg_scale=cfg.cfg_scale, mask_id=mask_id)
+  state = DecodeState(0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
+  for w in windows:  # unrolled at trace time: each window has a static width
+    first, cache = state.step, None
+    if w.refresh:
+      logits_BLV, cache = logits_of(state.x_BL, return_cache=True)
+      state = commit(state, jax.lax.dynamic_slice_in_dim(logits_BLV, w.start, w.width, axis=1), w)
+
+    def is_open(s, w=w, first=first):
+      span_masked = jax.lax.dynamic_slice_in_dim(s.x_BL, w.start, w.span, axis=1) == mask_id
+      return (s.step - first < w.max_steps) & jnp.any(span_masked)
+
+    def step(s, w=w, cache=cache):
+      x_BW = jax.lax.dynamic_slice_in_dim(s.x_BL, w.start, w.width, axis=1)
+      return commit(s, logits_of(x_BW, start=w.start, cache=cache)[0], w)
+
+    state = jax.lax.while_loop(is_open, step, state)
+  return state
+
+
+# --- Samplers: what to decode, in which windows ---------------------------------------------------------
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mask_id", "eos_id", "eot_id"))
 def _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: SamplingConfig, mask_id: int,
               eos_id: int, eot_id: int | None) -> GenerateOutput:
   B, P = prompt_BP.shape
-  G, L = cfg.gen_length, prompt_BP.shape[1] + cfg.gen_length
-  num_blocks = G // cfg.block_length
-  steps_per_block = cfg.steps // num_blocks
-  positions_L = jnp.arange(L)
-  is_prompt_L = positions_L < P
+  G = cfg.gen_length
   x_BL = jnp.concatenate([prompt_BP, jnp.full((B, G), mask_id, prompt_BP.dtype)], axis=1)
   valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, G), bool)], axis=1)
-  decide = functools.partial(_decide, cfg, P=P, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-                             schedule=jnp.asarray(transfer_schedule(cfg.block_length, steps_per_block)),
-                             steps_per_block=steps_per_block)
-  guided = cfg.cfg_scale > 0
-  valid_in = jnp.concatenate([valid_BL, valid_BL]) if guided else valid_BL
-
-  def model_logits(x_BL, **cache_args):
-    """Logits for x_BL (a window of the sequence when a cache is given), with CFG when asked."""
-    if guided:
-      uncond_BL = jnp.where(is_prompt_L[None, :], mask_id, x_BL) if not cache_args else x_BL
-      out = model_lib.apply(graphdef, params, jnp.concatenate([x_BL, uncond_BL]), valid_in, **cache_args)
-    else:
-      out = model_lib.apply(graphdef, params, x_BL, valid_in, **cache_args)
-    logits, cache = out if cache_args.get("return_cache") else (out, None)
-    if guided:
-      logits = logits[B:] + (cfg.cfg_scale + 1) * (logits[:B] - logits[B:])
-    return logits, cache
-
-  def active(x_BL):
-    return jnp.any(x_BL == mask_id, axis=1)
-
-  def apply_step(i, x_BL, commit_step_BL, steps_B, logits_BWV, start, width):
-    """Commits one step's choices inside [start, start + width), then the early-exit fill."""
-    x_BW = jax.lax.dynamic_slice_in_dim(x_BL, start, width, axis=1)
-    pos_W = start + jnp.arange(width)
-    commit_BW, x0_BW = decide(logits_BWV, x_BW, pos_W, i=i)
-    row_active_B = active(x_BL)
-    commit_BW &= row_active_B[:, None]
-    x_BL = jax.lax.dynamic_update_slice_in_dim(x_BL, jnp.where(commit_BW, x0_BW, x_BW), start, axis=1)
-    step_BW = jax.lax.dynamic_slice_in_dim(commit_step_BL, start, width, axis=1)
-    commit_step_BL = jax.lax.dynamic_update_slice_in_dim(commit_step_BL, jnp.where(commit_BW, i, step_BW),
-                                                         start, axis=1)
-    if cfg.early_exit:
-      # A row whose every remaining masked position lies after a committed EOS can only produce EOS.
-      eos_pos_B = jnp.min(jnp.where((x_BL == eos_id) & ~is_prompt_L[None, :], positions_L, L), axis=1)
-      still_BL = x_BL == mask_id
-      first_still_B = jnp.min(jnp.where(still_BL, positions_L, L), axis=1)
-      fill_BL = still_BL & (eos_pos_B < first_still_B)[:, None]
-      x_BL = jnp.where(fill_BL, eos_id, x_BL)
-      commit_step_BL = jnp.where(fill_BL, i, commit_step_BL)
-    return i + 1, x_BL, commit_step_BL, steps_B + row_active_B.astype(jnp.int32)
-
-  carry = (0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
-  if cfg.kv_cache == "none":
-    max_steps = G if cfg.threshold is not None else cfg.steps
-
-    def step(carry):
-      return apply_step(*carry, model_logits(carry[1])[0], 0, L)
-
-    carry = jax.lax.while_loop(lambda c: (c[0] < max_steps) & jnp.any(active(c[1])), step, carry)
-  else:
-    # Fast-dLLM block-wise approximate KV cache: a full pass at each block start refreshes every
-    # layer's keys/values and decodes the block's first step; later steps recompute only a window
-    # (prefix cache: the block and everything after it; dual cache: the block alone) against it.
-    per_block = cfg.block_length if cfg.threshold is not None else steps_per_block
-    for b in range(num_blocks):  # unrolled at trace time: each block's window has a static width
-      start = P + b * cfg.block_length
-      width = cfg.block_length if cfg.kv_cache == "dual" else L - start
-      logits_BLV, cache = model_logits(carry[1], return_cache=True)
-      block_first = carry[0]
-      carry = apply_step(*carry, jax.lax.dynamic_slice_in_dim(logits_BLV, start, width, axis=1), start, width)
-
-      def cached_step(carry, start=start, width=width, cache=cache):
-        x_BW = jax.lax.dynamic_slice_in_dim(carry[1], start, width, axis=1)
-        logits_BWV, _ = model_logits(x_BW, cache=cache, offset=start)
-        return apply_step(*carry, logits_BWV, start, width)
-
-      def block_open(c, start=start, block_first=block_first):
-        block_masked = jax.lax.dynamic_slice_in_dim(c[1], start, cfg.block_length, axis=1) == mask_id
-        return (c[0] - block_first < per_block) & jnp.any(block_masked & active(c[1])[:, None])
-
-      carry = jax.lax.while_loop(block_open, cached_step, carry)
-  _, x_BL, commit_step_BL, steps_B = carry
-  return GenerateOutput(x_BL, commit_step_BL, steps_B)
+  steps_per_block = cfg.steps // (G // cfg.block_length)
+  state = _decode(graphdef, params, x_BL, valid_BL, rng, cfg=cfg, P=P,
+                  schedule=jnp.asarray(transfer_schedule(cfg.block_length, steps_per_block)),
+                  windows=_windows(cfg, P=P, L=P + G), mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+  return GenerateOutput(state.x_BL, state.commit_step_BL, state.steps_B)
 
 
 def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
@@ -317,22 +402,10 @@ def _infill(graphdef, params, tokens_BL, valid_BL, rng, *, cfg: SamplingConfig, 
   n_B = jnp.sum(x_BL == mask_id, axis=1)
   step_S = jnp.arange(cfg.steps)[:, None, None]
   schedule_SB1 = n_B[None, :, None] // cfg.steps + (step_S < n_B[None, :, None] % cfg.steps)
-  pos_L = jnp.arange(L)
-  decide = functools.partial(_decide, cfg, P=0, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id,
-                             eot_id=eot_id, schedule=schedule_SB1, steps_per_block=cfg.steps)
-
-  def step(carry):
-    i, x_BL, commit_step_BL, steps_B = carry
-    commit_BL, x0_BL = decide(model_lib.apply(graphdef, params, x_BL, valid_BL), x_BL, pos_L, i=i)
-    active_B = jnp.any(x_BL == mask_id, axis=1)
-    commit_BL &= active_B[:, None]
-    return (i + 1, jnp.where(commit_BL, x0_BL, x_BL), jnp.where(commit_BL, i, commit_step_BL),
-            steps_B + active_B.astype(jnp.int32))
-
-  carry = (0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
-  carry = jax.lax.while_loop(lambda c: (c[0] < cfg.steps) & jnp.any(c[1] == mask_id), step, carry)
-  _, x_BL, commit_step_BL, steps_B = carry
-  return GenerateOutput(jnp.where(parked_BL, tokens_BL, x_BL), commit_step_BL, steps_B)
+  # `generate` without a prompt: one window over the whole sequence, `steps` steps at most.
+  state = _decode(graphdef, params, x_BL, valid_BL, rng, cfg=cfg, P=0, schedule=schedule_SB1,
+                  windows=(Window(0, L, L, cfg.steps),), mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+  return GenerateOutput(jnp.where(parked_BL, tokens_BL, state.x_BL), state.commit_step_BL, state.steps_B)
 
 
 def infill(graphdef: nnx.GraphDef, params: Any, tokens_BL: jax.Array, valid_BL: jax.Array, *, mask_id: int,
@@ -364,68 +437,3 @@ def infill(graphdef: nnx.GraphDef, params: Any, tokens_BL: jax.Array, valid_BL: 
   rng = jax.random.key(0) if rng is None else rng
   return _infill(graphdef, params, jnp.asarray(tokens_BL), jnp.asarray(valid_BL), rng, cfg=cfg,
                  mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
-
-
-# --- The autoregressive baseline: left to right ---------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "gen_length", "temperature", "mask_id", "eos_id",
-                                             "eot_id", "suppress_eos_logit"))
-def _generate_causal(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, gen_length: int,
-                     temperature: float, mask_id: int | None, eos_id: int, eot_id: int | None,
-                     suppress_eos_logit: bool) -> GenerateOutput:
-  B, P = prompt_BP.shape
-  L = P + gen_length
-  # Positions not generated yet hold EOS; the causal mask hides them from every earlier position, so a
-  # full forward pass per token (O(L^2) per sequence, no KV cache) gives exactly the prefix's logits.
-  x_BL = jnp.concatenate([prompt_BP, jnp.full((B, gen_length), eos_id, prompt_BP.dtype)], axis=1)
-  valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, gen_length), bool)], axis=1)
-  banned = ([mask_id] if mask_id is not None else []) + ([eos_id] if suppress_eos_logit else [])
-  stop_ids = jnp.asarray([eos_id] + ([eot_id] if eot_id is not None else []), prompt_BP.dtype)
-
-  def step(carry):
-    i, x_BL, done_B, steps_B = carry
-    logits_BLV = model_lib.apply(graphdef, params, x_BL, valid_BL)
-    logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, P - 1 + i, axis=1, keepdims=False)
-    if banned:
-      logits_BV = logits_BV.at[:, jnp.asarray(banned)].set(-jnp.inf)
-    next_B = _gumbel_argmax(logits_BV, jax.random.fold_in(rng, i), temperature).astype(x_BL.dtype)
-    next_B = jnp.where(done_B, eos_id, next_B)  # a finished row keeps its static shape, padded with EOS
-    x_BL = jax.lax.dynamic_update_index_in_dim(x_BL, next_B, P + i, axis=1)
-    steps_B = steps_B + (~done_B).astype(jnp.int32)
-    return i + 1, x_BL, done_B | jnp.isin(next_B, stop_ids), steps_B
-
-  carry = (0, x_BL, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
-  _, x_BL, _, steps_B = jax.lax.while_loop(lambda c: (c[0] < gen_length) & ~jnp.all(c[2]), step, carry)
-  pos_L = jnp.arange(L)
-  commit_step_BL = jnp.broadcast_to(jnp.where(pos_L >= P, pos_L - P, -1), (B, L)).astype(jnp.int32)
-  return GenerateOutput(x_BL, commit_step_BL, steps_B)
-
-
-def generate_causal(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
-                    gen_length: int, eos_id: int, temperature: float = 0.0, eot_id: int | None = None,
-                    mask_id: int | None = None, suppress_eos_logit: bool = False,
-                    rng: jax.Array | None = None, max_seq_len: int | None = None) -> GenerateOutput:
-  """Samples a causal model (`model.causal=True`, the AR baseline) left to right, one token per step.
-
-  Same inputs and output type as `generate`: left-padded prompts (positions are absolute, as there;
-  RoPE is relative and padding is never attended to, so padding does not change a continuation),
-  temperature 0 = greedy, > 0 = Gumbel-max sampling. The mask token is never emitted. A row stops at
-  EOS (or `eot_id`), included, and is padded with EOS to `gen_length` while the others go on; with
-  `suppress_eos_logit` no row stops. `commit_step_BL` is each generated token's index (-1 for the
-  prompt), `steps_B` the tokens each row generated.
-  """
-  _check_positive("gen_length", gen_length)
-  if not temperature >= 0:
-    _bad("temperature", ">= 0", temperature)
-  B, P = np.shape(prompt_BP)
-  prompt_length = int(np.asarray(prompt_valid_BP).sum(axis=1).min()) if P else 0
-  if prompt_length < 1:
-    _bad("prompt", "at least one token long (the first token is predicted from the last prompt token)",
-         prompt_length)
-  if max_seq_len is not None:
-    _check_fits(P, gen_length, max_seq_len)
-  rng = jax.random.key(0) if rng is None else rng
-  return _generate_causal(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng,
-                          gen_length=gen_length, temperature=float(temperature), mask_id=mask_id,
-                          eos_id=eos_id, eot_id=eot_id, suppress_eos_logit=suppress_eos_logit)

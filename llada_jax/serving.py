@@ -7,7 +7,7 @@ Used by `llada-sample`, `llada-chat` and notebooks:
   chat = serving.ChatSession(model); chat.send("what is 3 plus 4?")
 
 A causal workdir (the autoregressive baseline, `model.causal=True`) loads the same way; `complete`
-then samples it left to right (`sampling.generate_causal`).
+then samples it left to right (`causal_sampling.generate_causal`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
+from llada_jax import causal_sampling, checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
 from llada_jax.config import Config, from_config_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
@@ -59,7 +59,7 @@ class LoadedModel:
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
                    **options: Any) -> sampling.GenerateOutput:
-    """`sampling.generate` for a diffusion model, `sampling.generate_causal` for a causal one.
+    """`sampling.generate` for a diffusion model, `causal_sampling.generate_causal` for a causal one.
 
     A causal model takes `gen_length`, `temperature` and `suppress_eos_logit`. It ignores `steps` and
     `block_length` (left to right is one token per step; ignoring them lets one call site, such as
@@ -70,9 +70,9 @@ class LoadedModel:
     common = dict(eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
                   rng=jax.random.key(seed), max_seq_len=self.config.model.max_seq_len)
     if self.is_causal:
-      return sampling.generate_causal(self.graphdef, self.params, tokens, valid,
-                                      mask_id=self.config.diffusion.mask_token_id,
-                                      **_causal_options(options), **common)
+      return causal_sampling.generate_causal(self.graphdef, self.params, tokens, valid,
+                                             mask_id=self.config.diffusion.mask_token_id,
+                                             **_causal_options(options), **common)
     return sampling.generate(self.graphdef, self.params, tokens, valid,
                              mask_id=self.config.diffusion.mask_token_id, **options, **common)
 

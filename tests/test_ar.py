@@ -1,4 +1,4 @@
-"""The autoregressive baseline: `sampling.generate_causal` against a plain growing-prefix loop, and
+"""The autoregressive baseline: `causal_sampling.generate_causal` against a plain growing-prefix loop, and
 serving a trained causal workdir (`configs/ar_tiny.py`)."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import model, sampling, serving, train
+from llada_jax import causal_sampling, model, sampling, serving, train
 
 MASK = 4
 HEAD_SCALE = 80.0   # peaked predictions: a float rounding difference cannot flip a greedy choice
@@ -52,7 +52,8 @@ class CausalTiny:
   def generate(self, prompts, **kw):
     tokens, valid = sampling.left_pad(prompts, pad_id=0)
     kw = {"eos_id": 1, "mask_id": MASK, "gen_length": GEN, **kw}
-    out = sampling.generate_causal(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(valid), **kw)
+    out = causal_sampling.generate_causal(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(valid),
+                                          **kw)
     return tokens.shape[1], tuple(np.asarray(a) for a in out)
 
 
@@ -125,8 +126,8 @@ def test_bad_options_raise_naming_the_option(tiny, kw, name):
 
 def test_empty_prompt_raises(tiny):
   with pytest.raises(ValueError, match="prompt"):
-    sampling.generate_causal(tiny.graphdef, tiny.params, np.zeros((1, 3), np.int32), np.zeros((1, 3), bool),
-                             gen_length=4, eos_id=1)
+    causal_sampling.generate_causal(tiny.graphdef, tiny.params, np.zeros((1, 3), np.int32),
+                                    np.zeros((1, 3), bool), gen_length=4, eos_id=1)
 
 
 def test_trained_causal_workdir_serves_left_to_right(tmp_path):

@@ -1,11 +1,11 @@
-"""The simple reverse process used for end-of-training samples."""
+"""The simple reverse process (end-of-training samples) and the one classifier-free guidance helper."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_config
-from llada_jax import model, sampling
+from llada_jax import diffusion, model, sampling
 
 
 def test_transfer_schedule_matches_reference_rule():
@@ -106,3 +106,77 @@ def test_kv_cache_fills_every_position_once_and_composes():
       if not extra:  # fixed schedule: 2 steps per block of 4 -> exactly 2 tokens per step
         for row in steps:
           np.testing.assert_array_equal(np.bincount(row, minlength=8), np.full(8, 2))
+
+
+# --- Classifier-free guidance: one helper for the sampler and the likelihood code -----------------------
+
+
+def test_guidance_helpers_closed_form():
+  cond = jnp.asarray([[[2.0, -1.0]]], jnp.bfloat16)
+  uncond = jnp.asarray([[[1.0, 1.0]]], jnp.bfloat16)
+  got = diffusion.guided_logits(cond, uncond, scale=1.0)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, [[[3.0, -3.0]]])  # uncond + 2 * (cond - uncond)
+  np.testing.assert_array_equal(diffusion.guided_logits(cond, uncond, scale=0.0), [[[2.0, -1.0]]])
+  tokens = jnp.asarray([[7, 8, 4, 9], [5, 6, 4, 4]], jnp.int32)
+  prompt = jnp.asarray([[True, True, False, False], [True, False, False, False]])
+  uncond_tokens = diffusion.unconditional_tokens(tokens, prompt_BL=prompt, mask_id=4)
+  np.testing.assert_array_equal(uncond_tokens, [[4, 4, 4, 9], [4, 6, 4, 4]])
+  assert uncond_tokens.dtype == tokens.dtype
+
+
+def _bag_logits(tokens_BL, valid_BL, V=8):
+  """A hand-made model: every position's logits are a fixed map of the bag of valid tokens."""
+  bag_BV = jnp.sum(jax.nn.one_hot(tokens_BL, V) * valid_BL[..., None], axis=1)
+  W_VV = jnp.sin(jnp.arange(V * V, dtype=jnp.float32).reshape(V, V))
+  return jnp.broadcast_to((bag_BV @ W_VV)[:, None, :], (*tokens_BL.shape, V))
+
+
+def test_conditional_elbo_with_guidance_is_exact_for_one_token():
+  """A one-token response is always the one masked token (weight 1): the l-estimate is exactly
+  log softmax(uncond + (scale + 1)(cond - uncond))[r], uncond having the prompt masked."""
+  mask, scale = 7, 1.5
+  tokens = jnp.asarray([[1, 2, 3, 5], [2, 2, 6, 0]], jnp.int32)  # row 1: prompt 2 2, response 6, padding
+  valid = jnp.asarray([[True] * 4, [True, True, True, False]])
+  prompt_len = jnp.asarray([3, 2])
+  got = diffusion.conditional_elbo(_bag_logits, jax.random.split(jax.random.key(0), 2), tokens_BL=tokens,
+                                   prompt_len_B=prompt_len, valid_BL=valid, mask_id=mask, num_samples=2,
+                                   cfg_scale=scale)
+  for b, (r_pos, prompt_n) in enumerate([(3, 3), (2, 2)]):
+    x = np.asarray(tokens[b:b + 1]).copy()
+    x[0, r_pos] = mask
+    u = x.copy()
+    u[0, :prompt_n] = mask
+    cond = np.asarray(_bag_logits(jnp.asarray(x), valid[b:b + 1]), np.float64)[0, r_pos]
+    uncond = np.asarray(_bag_logits(jnp.asarray(u), valid[b:b + 1]), np.float64)[0, r_pos]
+    guided = uncond + (scale + 1) * (cond - uncond)
+    want = guided[int(tokens[b, r_pos])] - np.log(np.exp(guided).sum())
+    np.testing.assert_allclose(got[b], want, rtol=1e-5)
+  plain = diffusion.conditional_elbo(_bag_logits, jax.random.split(jax.random.key(0), 2), tokens_BL=tokens,
+                                     prompt_len_B=prompt_len, valid_BL=valid, mask_id=mask, num_samples=2)
+  assert not np.allclose(got, plain), "guidance should change these estimates"
+
+
+def test_sampler_and_elbo_guide_through_the_one_helper(monkeypatch):
+  scales = []
+  real = diffusion.guided_logits
+
+  def spy(cond, uncond, *, scale):
+    scales.append(scale)
+    return real(cond, uncond, scale=scale)
+
+  monkeypatch.setattr(diffusion, "guided_logits", spy)
+  diffusion.conditional_elbo(_bag_logits, jax.random.split(jax.random.key(0), 1),
+                             tokens_BL=jnp.asarray([[1, 2, 3]]), prompt_len_B=jnp.asarray([1]),
+                             valid_BL=jnp.ones((1, 3), bool), mask_id=7, num_samples=1, cfg_scale=0.5)
+  assert scales == [0.5]
+  cfg = tiny_config().model
+  graphdef, _ = model.abstract_model(cfg)
+  params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  tokens, valid = sampling.left_pad([[10, 11]], pad_id=0)
+  opts = sampling.SamplingConfig(gen_length=4, steps=2, block_length=4, cfg_scale=2.0)
+  # A fresh trace (not the jit cache) of the sampler's program, so the spy sees every guided call.
+  jax.make_jaxpr(lambda p, t, v: sampling._generate.__wrapped__(graphdef, p, t, v, jax.random.key(0), cfg=opts,
+                                                                mask_id=4, eos_id=1, eot_id=None))(
+      params, jnp.asarray(tokens), jnp.asarray(valid))
+  assert scales[1:] == [2.0]  # one model call per step, traced once inside the while_loop
