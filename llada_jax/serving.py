@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import causal_sampling, checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
-from llada_jax.config import Config, from_config_dict
+from llada_jax.config import MeshConfig, ModelConfig, saved_model_config, section_from_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
 
@@ -36,26 +36,37 @@ class Completion:
 
 @dataclasses.dataclass
 class LoadedModel:
-  config: Config
+  """What inference needs, and nothing of training: the model's config, its parameters (placed on this
+  process's devices), the tokenizer, the mask id, whether it is a chat model (`model.chat` of the
+  checkpoint's config, set by SFT and by llada-convert) and the checkpoint step it came from."""
+
+  model_config: ModelConfig
   graphdef: nnx.GraphDef
   params: Any
   tokenizer: Any
+  mask_id: int
+  chat: bool
   step: int
 
-  @property
-  def is_chat(self) -> bool:
-    return self.config.diffusion.objective == "sft"
+  @classmethod
+  def from_params(cls, model_config: ModelConfig, graphdef: nnx.GraphDef, params: Any, tokenizer: Any, *,
+                  mask_id: int, step: int) -> "LoadedModel":
+    """Parameters in memory (e.g. at the end of a training run); `model_config.chat` must be resolved
+    (a `Config` resolves it)."""
+    if model_config.chat is None:
+      raise ValueError("model_config.chat is None: build it through config.Config, which resolves it")
+    return cls(model_config, graphdef, params, tokenizer, mask_id, model_config.chat, step)
 
   def encode_prompt(self, text: str, chat: bool | None = None) -> list[int]:
     """Chat models get the chat template with a generation prompt; base models start a document."""
     tok = self.tokenizer
-    if self.is_chat if chat is None else chat:
+    if self.chat if chat is None else chat:
       return sft.render_prompt([{"role": "user", "content": text}], tok)
     return [tok.eos_id] + tok.encode(text)
 
   @property
   def is_causal(self) -> bool:
-    return self.config.model.causal
+    return self.model_config.causal
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
                    **options: Any) -> sampling.GenerateOutput:
@@ -68,13 +79,13 @@ class LoadedModel:
     """
     tokens, valid = sampling.left_pad(prompts, self.tokenizer.pad_id)
     common = dict(eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
-                  rng=jax.random.key(seed), max_seq_len=self.config.model.max_seq_len)
+                  rng=jax.random.key(seed), max_seq_len=self.model_config.max_seq_len)
     if self.is_causal:
       return causal_sampling.generate_causal(self.graphdef, self.params, tokens, valid,
-                                             mask_id=self.config.diffusion.mask_token_id,
+                                             mask_id=self.mask_id,
                                              **_causal_options(options), **common)
     return sampling.generate(self.graphdef, self.params, tokens, valid,
-                             mask_id=self.config.diffusion.mask_token_id, **options, **common)
+                             mask_id=self.mask_id, **options, **common)
 
   def complete(self, prompts: Sequence[str], *, chat: bool | None = None, seed: int = 0,
                prompt_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> list[Completion]:
@@ -126,7 +137,9 @@ def _causal_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:
-  """Parameters (no optimizer state), config and tokenizer of a training workdir.
+  """Parameters (no optimizer state), model config, mask id, chat flag and tokenizer of a workdir (a
+  training run's or a conversion's). Only the `model`, `diffusion.mask_token_id` and `mesh` entries of
+  the checkpoint's config are read.
 
   Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same).
   """
@@ -142,25 +155,21 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
     elif step not in ckpt.all_steps():
       raise FileNotFoundError(f"no checkpoint step {step} in {ckpt.directory}; available steps: "
                               f"{sorted(ckpt.all_steps())} (leave out --step for the latest)")
-    config = from_config_dict(ckpt.restore_config(step))
-    model_cfg = dataclasses.replace(config.model, scan_layers=jax.default_backend() == "cpu")
+    saved = ckpt.restore_config(step)
+    model_cfg = dataclasses.replace(saved_model_config(saved), scan_layers=jax.default_backend() == "cpu")
+    mask_id = section_from_dict("diffusion", saved.get("diffusion", {})).mask_token_id
+    if not 0 <= mask_id < model_cfg.vocab_size:
+      raise ValueError(f"the checkpoint config in {ckpt.directory} has diffusion.mask_token_id={mask_id}, outside "
+                       f"its vocabulary of {model_cfg.vocab_size}")
     graphdef, abstract = model_lib.abstract_model(model_cfg)
-    mesh = sharding.make_mesh(config.mesh) if _mesh_fits(config) else sharding.make_mesh(
-        dataclasses.replace(config.mesh, data=1, fsdp=-1, tensor=1))
-    shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), config.mesh, mesh)
+    mesh_cfg = section_from_dict("mesh", saved.get("mesh", {}))
+    mesh_cfg, mesh = sharding.make_mesh_or_fallback(mesh_cfg)
+    shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), mesh_cfg, mesh)
     params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
   finally:
     ckpt.close()
   tokenizer = tokenizer_lib.load(workdir)  # whichever kind the run kept: tokenizer.model or tokenizer.json
-  return LoadedModel(dataclasses.replace(config, model=model_cfg), graphdef, params, tokenizer, step)
-
-
-def _mesh_fits(config: Config) -> bool:
-  try:
-    config.mesh.axis_sizes(len(jax.devices()))
-    return True
-  except ValueError:
-    return False
+  return LoadedModel(model_cfg, graphdef, params, tokenizer, mask_id, model_cfg.chat, step)
 
 
 class ChatSession:

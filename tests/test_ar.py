@@ -139,7 +139,7 @@ def test_trained_causal_workdir_serves_left_to_right(tmp_path):
   cfg = config_lib.from_config_dict(c)
   train.train_and_evaluate(cfg, str(tmp_path))
   m = serving.load(str(tmp_path))
-  assert m.is_causal and not m.is_chat
+  assert m.is_causal and not m.chat
   # steps / block_length only schedule the reverse process: ignored here, so one call serves both kinds.
   out = m.complete(["the capital of", "12 plus"], gen_length=6, steps=64, block_length=64)
   assert len(out) == 2 and all(isinstance(r.text, str) and len(r.raw_ids) == 6 for r in out)
