@@ -262,13 +262,10 @@ def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_
     if return_cache:
       kwargs["return_cache"] = True
     if guided:
-      uncond_BW = x_BW
-      # Only an uncached pass hides the prompt. The KV-cache variants (their refresh pass included)
-      # have always run the unconditional half unchanged, so guidance has no effect with a cache;
-      # kept so that every option's outputs stay what they were.
-      if cache is None and not return_cache:
-        uncond_BW = diffusion.unconditional_tokens(x_BW, prompt_BL=(start + jnp.arange(W) < P)[None, :],
-                                                   mask_id=mask_id)
+      # A refresh pass hides the prompt in the unconditional half, so that half of the cache holds the
+      # prompt-less keys/values the later (cached) steps read; their windows never hold the prompt.
+      uncond_BW = diffusion.unconditional_tokens(x_BW, prompt_BL=(start + jnp.arange(W) < P)[None, :],
+                                                 mask_id=mask_id)
       x_BW = jnp.concatenate([x_BW, uncond_BW])
     out = model_lib.apply(graphdef, params, x_BW, valid_in, **kwargs)
     logits, new_cache = out if return_cache else (out, None)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from llada_jax import diffusion, model, sampling
@@ -81,15 +82,20 @@ def _peaked_model():
   return graphdef, params
 
 
-def test_kv_cache_with_one_step_per_block_equals_no_cache():
-  """With one step per block every step is a block-start refresh (a full pass): exact."""
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_kv_cache_with_one_step_per_block_equals_no_cache(cfg_scale):
+  """With one step per block every step is a block-start refresh (a full pass): exact, with
+  classifier-free guidance too (the refresh pass hides the prompt in the unconditional half)."""
   graphdef, params = _peaked_model()
   tokens, valid = sampling.left_pad([[10, 11, 12], [13, 14]], pad_id=0)
   outs = {c: sampling.generate(graphdef, params, tokens, valid, mask_id=4, gen_length=16, steps=4,
-                               block_length=4, kv_cache=c) for c in ("none", "prefix", "dual")}
+                               block_length=4, kv_cache=c, cfg_scale=cfg_scale) for c in ("none", "prefix", "dual")}
   for c in ("prefix", "dual"):
     np.testing.assert_array_equal(outs[c].tokens_BL, outs["none"].tokens_BL)
     np.testing.assert_array_equal(outs[c].commit_step_BL, outs["none"].commit_step_BL)
+  if cfg_scale:  # guidance changes this output, so the equality above is not the unguided one twice
+    plain = sampling.generate(graphdef, params, tokens, valid, mask_id=4, gen_length=16, steps=4, block_length=4)
+    assert not np.array_equal(plain.tokens_BL, outs["none"].tokens_BL)
 
 
 def test_kv_cache_fills_every_position_once_and_composes():
