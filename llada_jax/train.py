@@ -2,14 +2,14 @@
 
 `train_step(state, batch) -> (state, metrics)` is a pure function: the state carries the run's key, and
 the per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws the same masks as an
-uninterrupted one. The loop owns the side effects: data, checkpoints, metrics, preemption and the
-samples printed at the end.
+uninterrupted one. The loop owns the side effects: data, checkpoints and metrics; run_control.py owns
+the rest (the workdir lock, events.jsonl, SIGTERM, the non-finite watch, the end step), and the samples
+shown after training are the CLI's (`print_samples`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -21,10 +21,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, errors, files
-from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, optim, serving, sharding
-from llada_jax.config import Config
-from llada_jax.data import pipeline
+from llada_jax import checkpoint as ckpt_lib, files, run_control
+from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, objectives, optim, serving, sharding
+from llada_jax.config import Config, architecture_fields
 
 
 @flax.struct.dataclass
@@ -46,10 +45,13 @@ class Setup:
   schedule: optax.Schedule
   abstract_state: TrainState       # ShapeDtypeStructs carrying the shardings of this mesh
   state_shardings: TrainState
-  batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per batch field
+  batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per field of the objective's batch
   init: Callable[[jax.Array], TrainState]
-  step: Callable[..., tuple[TrainState, dict]]
+  step: Callable[..., tuple[TrainState, dict]]  # (state, batch) -> (state, metrics)
   eval_step: Callable[..., dict]   # (params, batch, rng) -> {'loss', 'masked_accuracy'}
+  objective: objectives.Objective
+  frozen: Any                      # the objective's non-trained state (objectives.Objective.frozen_state)
+  jit_step: Any                    # the jitted (state, batch, frozen) -> (state, metrics) behind `step`
 
 
 def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
@@ -69,18 +71,10 @@ def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
   return score_fn
 
 
-def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, diffusion.LossOutput]:
-  d = config.diffusion
-  score_fn = _score_fn(config, graphdef, params)
-  tokens_BL = batch["tokens"]
-  if d.objective == "pretrain":
-    out = diffusion.pretrain_objective(score_fn, rng, tokens_BL=tokens_BL, mask_id=d.mask_token_id,
-                                       eps=d.noise_eps, random_length_prob=d.random_length_prob)
-  elif d.objective == "sft":
-    out = diffusion.sft_objective(score_fn, rng, tokens_BL=tokens_BL, prompt_len_B=batch["prompt_len"],
-                                  mask_id=d.mask_token_id, eps=d.noise_eps, valid_BL=batch["valid"])
-  else:
-    out = diffusion.ar_objective(score_fn, tokens_BL=tokens_BL)
+def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array,
+          frozen: Any = None) -> tuple[jax.Array, diffusion.LossOutput]:
+  out = objectives.of(config).loss(_score_fn(config, graphdef, params), batch, rng, diffusion=config.diffusion,
+                                   frozen=frozen)
   return out.loss, out
 
 
@@ -89,9 +83,9 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   """The pure step. With `grad_accum_steps` > 1 the batch is split into micro-batches that a
   `lax.scan` runs one after another, averaging gradients before the single optimizer update."""
   accum = config.train.grad_accum_steps
-  grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r), has_aux=True)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, frozen: Any = None) -> tuple[TrainState, dict]:
+    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, frozen), has_aux=True)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
       (loss, out), grads = grad_fn(state.params, batch, step_rng)
@@ -139,8 +133,8 @@ def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:
   eval_config = dataclasses.replace(
       config, diffusion=dataclasses.replace(config.diffusion, random_length_prob=0.0))
 
-  def eval_step(params: Any, batch: dict, rng: jax.Array) -> dict:
-    loss, out = _loss(eval_config, graphdef, params, batch, rng)
+  def eval_step(params: Any, batch: dict, rng: jax.Array, frozen: Any = None) -> dict:
+    loss, out = _loss(eval_config, graphdef, params, batch, rng, frozen)
     return {"loss": loss, "masked_accuracy": out.num_correct / jnp.maximum(out.num_masked, 1)}
 
   return eval_step
@@ -173,25 +167,29 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
   abstract_state = ckpt_lib.abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
 
+  objective = objectives.of(config)
   batch_sh = {name: sharding.batch_sharding(config.mesh, mesh, ndim)
-              for name, ndim in batch_fields(config).items()}
+              for name, ndim in objective.batch_ranks().items()}
+  # Frozen state comes placed by its builder (e.g. sharded like the parameters it mirrors); the step
+  # keeps those shardings and never differentiates or updates it.
+  frozen = objective.frozen_state(config, mesh) if objective.frozen_state else None
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   with sharding.use_rules(config.mesh, mesh):
     init = jax.jit(init_fn, out_shardings=state_shardings)
-    step = jax.jit(make_train_step(config, graphdef, tx, schedule),
-                   in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
-                   donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl),
-                        out_shardings=repl)
+    jit_step = jax.jit(make_train_step(config, graphdef, tx, schedule),
+                       in_shardings=(state_shardings, batch_sh, frozen_sh), out_shardings=(state_shardings, repl),
+                       donate_argnums=0)
+    jit_eval = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl, frozen_sh),
+                       out_shardings=repl)
+  step = lambda state, batch: jit_step(state, batch, frozen)
+  eval_step = lambda params, batch, rng: jit_eval(params, batch, rng, frozen)
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step,
-               eval_step)
+               eval_step, objective, frozen, jit_step)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
-  """Fields of a training batch and their ranks: tokens [B, L]; for SFT also prompt lengths [B] and
-  `valid` [B, L] (positions up to the batch's longest prompt + response: EOS padding counts up to there,
-  as in the reference's pad-to-batch-max, while shapes stay static)."""
-  sft_fields = {"prompt_len": 1, "valid": 2} if config.diffusion.objective == "sft" else {}
-  return {"tokens": 2, **sft_fields}
+  """Fields of a training batch and their ranks (`objectives.Objective.batch`)."""
+  return objectives.of(config).batch_ranks()
 
 
 def root_key(config: Config) -> jax.Array:
@@ -201,9 +199,7 @@ def root_key(config: Config) -> jax.Array:
 
 def global_batch(s: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Host-local numpy rows -> one global array per field, sharded over the batch axes."""
-  if set(host_batch) != set(s.batch_shardings):
-    raise ValueError(f"a '{s.config.diffusion.objective}' batch needs fields {sorted(s.batch_shardings)}; "
-                     f"got {sorted(host_batch)}")
+  s.objective.check_batch(host_batch)
   return {k: jax.make_array_from_process_local_data(s.batch_shardings[k], v) for k, v in host_batch.items()}
 
 
@@ -224,8 +220,7 @@ def validate(s: Setup, params: Any, batches: list[dict[str, np.ndarray]]) -> dic
     out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i)) for i, b in enumerate(batches)]
   out = jax.device_get(out)
   loss = float(np.mean([o["loss"] for o in out]))
-  name = "eval_ppl" if s.config.diffusion.objective == "ar" else "eval_ppl_bound"
-  return {"eval_loss": loss, name: float(np.exp(min(loss, 50.0))),
+  return {"eval_loss": loss, s.objective.eval_metric: float(np.exp(min(loss, 50.0))),
           "eval_masked_accuracy": float(np.mean([o["masked_accuracy"] for o in out]))}
 
 
@@ -238,17 +233,14 @@ def _check_tokenizer(config: Config, tok) -> None:
                      f"match the tokenizer's mask id {tok.mask_id}")
 
 
-# Model fields that change how a step runs, not what the parameters are: a run may resume or fine-tune
-# with other values (restores cast to the new param_dtype; init_std only shapes a fresh init).
-EXECUTION_FIELDS = ("remat_policy", "scan_layers", "dtype", "param_dtype", "init_std", "attention_impl",
-                    "loss_chunk_size", "mlp_pad_to")
-
-
 def _check_resume_config(config: Config, saved: dict, where: str) -> None:
+  """The model fields that define the parameters (config.architecture_fields) must match the checkpoint's;
+  execution and usage fields (config field metadata) may differ."""
+  compared = set(architecture_fields())
   for section in ("model",):
     for key, value in saved.get(section, {}).items():
       now = getattr(getattr(config, section), key)
-      if key in EXECUTION_FIELDS:
+      if key not in compared:
         continue
       if (list(now) if isinstance(now, tuple) else now) != value:
         raise ValueError(f"config field '{section}.{key}'={now!r} differs from {value!r} in the checkpoint "
@@ -269,110 +261,24 @@ def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState
   return state.replace(params=params)
 
 
-def _finish_writing(ckpt: ckpt_lib.Checkpointer) -> None:
-  try:
-    ckpt.wait()
-  except errors.RunHalted as e:
-    print(f"warning: {e}", file=sys.stderr, flush=True)
-
-
-class _NonfiniteWatch:
-  """Counts steps with a non-finite loss or gradients and halts after `max_nonfinite_streak` in a row.
-
-  Each step's flag is read one step late (after the next step is dispatched), so watching never stalls
-  the device; a halt comes at most one step after the streak's last step, and saves wait for the flag of
-  the step they save. With `skip_nonfinite` the bad steps changed nothing, so every save is good; without
-  it the parameters are NaN from the first bad step on and are never saved again.
-  """
-
-  def __init__(self, cfg, ckpt: ckpt_lib.Checkpointer):
-    self._cfg, self._ckpt = cfg, ckpt
-    self._pending: tuple[int, jax.Array] | None = None
-    self.streak, self.total, self._poisoned = 0, 0, False
-
-  def add(self, step: int, flag: jax.Array) -> None:
-    self._check()
-    self._pending = (step, flag)
-
-  def state_is_good(self, step: int) -> bool:
-    self._check()  # the flag of `step` itself
-    if self._poisoned and jax.process_index() == 0:
-      print(f"warning: not saving step {step}: the parameters are non-finite (train.skip_nonfinite=False)",
-            file=sys.stderr, flush=True)
-    return not self._poisoned
-
-  def _check(self) -> None:
-    if self._pending is None:
-      return
-    step, flag = self._pending
-    self._pending = None
-    if not bool(jax.device_get(flag)):
-      self.streak = 0
-      return
-    self.streak += 1
-    self.total += 1
-    self._poisoned |= not self._cfg.skip_nonfinite
-    if self.streak >= self._cfg.max_nonfinite_streak:
-      self._ckpt.wait()
-      last = self._ckpt.latest_step()
-      where = (f"step {last} in {self._ckpt.directory}" if last is not None else "none (no step was saved)")
-      raise errors.RunHalted(
-          f"halted at step {step}: {self.streak} steps in a row had a non-finite loss or gradients "
-          f"(train.max_nonfinite_streak={self._cfg.max_nonfinite_streak}; {self.total} in this run). The last "
-          f"good checkpoint is {where}; lower optim.peak_lr or look for bad data near this step, "
-          "then rerun to resume from it")
-
-
-class _PreemptionNotice:
-  """Whether the job has been asked to stop (TPU maintenance events and preemptions send SIGTERM).
-
-  One process: a SIGTERM handler sets a flag that the loop reads after each step. Several processes:
-  JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any host and
-  agrees on one step at which *every* host sees True (Orbax's sync point), so all hosts save the same
-  step and none is left waiting in a collective; a per-host Python handler could not promise that.
-  """
-
-  def __init__(self):
-    self.ckpt: ckpt_lib.Checkpointer | None = None  # set once the run has one (multi-host sync point)
-    self._signalled = False
-    self._previous = None
-
-  def __enter__(self) -> "_PreemptionNotice":
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    return self
-
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    self._signalled = True
-
-  def __call__(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return self.ckpt.reached_preemption(step)
-    return self._signalled
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint), then prints samples.
+  """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns a summary.
 
   `stop_at` ends the run early, with a checkpoint, after that step (for a time-limited allocation); the
   schedule still follows `train.num_steps`, so a later call resumes exactly where this one stopped. A
-  SIGTERM does the same at the next step boundary. Returns a summary: final step, last logged metrics,
-  wall time, whether the run was preempted, samples and the final state.
+  SIGTERM does the same at the next step boundary. The run holds the workdir alone and records what it
+  does in WORKDIR/events.jsonl (run_control.RunControl). The summary: final step, last logged metrics,
+  wall time, whether the run was preempted, whether it `finished` (reached `train.num_steps`), the final
+  state, and what `print_samples` needs (the setup, the tokenizer and the data's `sample_prompts`), which
+  `llada-train` calls after a finished run.
   """
-  # The handler goes in first: a SIGTERM during start-up (data, tokenizer, compile, restore) is honoured
-  # at the first step like any other instead of killing the process mid-way.
-  with _PreemptionNotice() as stop_requested:
-    return _train(config, workdir, stop_at, stop_requested)
+  with run_control.RunControl(workdir, config.train, stop_at=stop_at) as control:
+    return _train(config, workdir, control)
 
 
-def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _PreemptionNotice) -> dict[str, Any]:
+def _train(config: Config, workdir: str, control: run_control.RunControl) -> dict[str, Any]:
   t_start = time.time()
-  data = pipeline.build_training_data(config, workdir)
+  data = objectives.training_data(config, workdir)
   tok = data.tokenizer
   _check_tokenizer(config, tok)
   if jax.process_index() == 0:
@@ -384,7 +290,7 @@ def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _P
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                keep_every=config.train.keep_every,
                                async_save=config.train.async_checkpointing)
-  stop_requested.ckpt = ckpt
+  control.attach(ckpt)
   restored = ckpt.restore_latest_good(
       s.abstract_state, data_iterator=data_iter,
       check_config=lambda saved: _check_resume_config(config, saved, ckpt.directory),
@@ -397,6 +303,7 @@ def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _P
     state = s.init(root_key(config))
     if config.train.init_from:
       state = _init_params_from(config, s, state)
+  control.begin(start, resumed=restored is not None)
   if jax.process_index() == 0:
     files.write_atomic(files.path(workdir, "config.json"), config.to_json())
 
@@ -407,59 +314,61 @@ def _train(config: Config, workdir: str, stop_at: int | None, stop_requested: _P
       writer, metrics_lib.Progress(config.train.num_steps, start), tokens_per_step=tokens_per_step,
       flops_per_step=metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step,
       peak_flops=peak * s.mesh.size if peak else None)
-  end = config.train.num_steps if stop_at is None else min(stop_at, config.train.num_steps)
-  eval_batches = pipeline.build_eval_batches(config, tok) if config.train.eval_every else []
+  eval_batches = objectives.eval_batches(config, tok) if config.train.eval_every else []
   preempted = False
-  watch = _NonfiniteWatch(config.train, ckpt)
-  try:
-    with sharding.use_rules(config.mesh, s.mesh):
-      for step in range(start, end):
-        state, m = s.step(state, global_batch(s, next(data_iter)))
-        done = step + 1
-        watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
-        preempted = stop_requested(done)
-        last_step = done == end or preempted
-        logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
-        if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
-          scores = validate(s, state.params, eval_batches)
-          writer.write(done, scores)
-          logger.progress.print(done, scores)
-        if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
-          ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted)
-        if preempted:
-          if jax.process_index() == 0:
-            print(f"stop requested (SIGTERM): saved step {done}; rerun the same command to resume", flush=True)
-          break
-      last = logger.flush()
-      ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
-  except (Exception, KeyboardInterrupt) as e:
-    # An error mid-run (bad data, Ctrl-C, a halt) still lets a checkpoint being written complete,
-    # unless writing is what failed.
-    if not isinstance(e, errors.RunHalted):
-      _finish_writing(ckpt)
-    raise
+  watch = run_control.NonfiniteWatch(config.train, ckpt)
+  with sharding.use_rules(config.mesh, s.mesh):
+    for step in range(start, control.end):
+      state, m = s.step(state, global_batch(s, next(data_iter)))
+      done = step + 1
+      control.step_done(done)  # records saves completed meanwhile (never waits)
+      watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
+      preempted = control.stop_requested(done)
+      last_step = done == control.end or preempted
+      logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
+      if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
+        scores = validate(s, state.params, eval_batches)
+        writer.write(done, scores)
+        logger.progress.print(done, scores)
+      if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
+        if ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted):
+          control.saving(done)
+      if preempted:
+        if jax.process_index() == 0:
+          print(f"stop requested (SIGTERM): saved step {done}; rerun the same command to resume", flush=True)
+        break
+    last = logger.flush()
+    ckpt.wait()  # still under the handler: a late SIGTERM cannot cut the last save short
+  control.finish(preempted)
   ckpt.close()
   writer.close()
-  # The causal baseline samples left to right (serving dispatches on model.causal).
-  finished = int(state.step) == config.train.num_steps
-  want_samples = config.train.num_samples and finished
-  samples = print_samples(config, s, state.params, tok, data.sample_prompts) if want_samples else []
   return {"step": int(state.step), "metrics": last, "wall_time_s": time.time() - t_start,
-          "preempted": preempted, "samples": samples, "state": state}
+          "preempted": preempted, "finished": int(state.step) == config.train.num_steps, "state": state,
+          "setup": s, "tokenizer": tok, "sample_prompts": data.sample_prompts}
 
 
-def print_samples(config: Config, s: Setup, params: Any, tok,
-                  prompts: list[tuple[str, list[int]]]) -> list[tuple[str, str]]:
-  """Completes (shown text, token ids) prompts with the reverse process; prints prompt -> completion."""
-  if not prompts:
-    return []
-  loaded = serving.LoadedModel(config, s.graphdef, jax.device_put(params, sharding.replicated(s.mesh)),
-                               tok, step=config.train.num_steps)
-  completions = loaded.complete([shown for shown, _ in prompts], prompt_ids=[ids for _, ids in prompts],
-                                gen_length=config.train.sample_length, steps=config.train.sample_steps,
-                                block_length=config.train.sample_length)
-  results = [(c.prompt, c.text) for c in completions]
+def print_samples(config: Config, summary: dict[str, Any]) -> list[tuple[str, str]]:
+  """Completes the data's sample prompts with a run's final parameters (`summary` as returned by
+  `train_and_evaluate`) and prints `sample: 'prompt' -> 'completion'` lines (process 0); returns the
+  (prompt, completion) pairs. What `llada-train` shows after a finished run."""
+  results = sample_completions(config, summary["setup"], summary["state"].params, summary["tokenizer"],
+                               summary["sample_prompts"])
   if jax.process_index() == 0:
     for shown, completion in results:
       print(f"sample: {shown!r} -> {completion!r}", flush=True)
   return results
+
+
+def sample_completions(config: Config, s: Setup, params: Any, tok,
+                       prompts: list[tuple[str, list[int]]]) -> list[tuple[str, str]]:
+  """Completes (shown text, token ids) prompts with the reverse process (the causal baseline left to
+  right: serving dispatches on model.causal), `train.sample_length` tokens in `train.sample_steps`."""
+  if not prompts:
+    return []
+  loaded = serving.LoadedModel.from_params(config.model, s.graphdef,
+                                           jax.device_put(params, sharding.replicated(s.mesh)), tok,
+                                           mask_id=config.diffusion.mask_token_id, step=config.train.num_steps)
+  completions = loaded.complete([shown for shown, _ in prompts], prompt_ids=[ids for _, ids in prompts],
+                                gen_length=config.train.sample_length, steps=config.train.sample_steps,
+                                block_length=config.train.sample_length)
+  return [(c.prompt, c.text) for c in completions]
