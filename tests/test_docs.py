@@ -27,6 +27,16 @@ def _env() -> dict:
   return env
 
 
+def test_ci_runs_the_readme_test_command():
+  """`.ci/run` runs the README's test command verbatim (its first code block's second line)."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    block = f.read().split("```")[1]
+  command = [line for line in block.splitlines() if "pytest" in line]
+  with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+    ci = [line.strip() for line in f if not line.lstrip().startswith("#")]
+  assert len(command) == 1 and command[0].strip() in ci, (command, ci)
+
+
 def test_config_reference_is_current():
   proc = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_config_reference.py"), "--check"],
                         capture_output=True, text=True, timeout=60)
