@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import config as config_lib, objectives, train
+from llada_jax import config as config_lib, objectives, serving, train
 from llada_jax.configs import default
 from llada_jax.data import corpus
 
@@ -43,19 +44,21 @@ def test_sft_from_pretrained_checkpoint_lowers_sft_loss(tmp_path, devices):
   assert after < 0.9 * before, (before, after)
 
 
-def test_sft_starts_from_the_pretrained_parameters(tmp_path, devices):
-  pre_cfg = tiny_config(**{"train.num_steps": 2, "train.num_samples": 0, "optim.warmup_steps": 1})
-  pre = train.train_and_evaluate(pre_cfg, str(tmp_path / "pre"))
+def test_sft_starts_from_the_pretrained_parameters(pretrained_workdir, tmp_path, devices):
+  pre = pathlib.Path(pretrained_workdir)  # conftest's shared tiny pre-training run
+  pre_params = serving.load(str(pre)).params
   c = default.get_config("tiny")
   c.train.update(seq_len=48, num_steps=1, num_samples=0)
   c.optim.update(peak_lr=1e-12, weight_decay=0.0)  # one step that cannot move the parameters visibly
-  sft_cfg = config_lib.from_config_dict(default.sft(c, init_from=str(tmp_path / "pre" / "checkpoints")))
+  sft_cfg = config_lib.from_config_dict(default.sft(c, init_from=str(pre / "checkpoints")))
   post = train.train_and_evaluate(sft_cfg, str(tmp_path / "sft"))
-  for a, b in zip(jax.tree.leaves(jax.device_get(pre["state"].params)),
-                  jax.tree.leaves(jax.device_get(post["state"].params))):
+  pre_leaves = jax.tree.leaves(jax.device_get(pre_params))
+  post_leaves = jax.tree.leaves(jax.device_get(post["state"].params))
+  assert len(pre_leaves) == len(post_leaves)
+  for a, b in zip(pre_leaves, post_leaves):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert int(post["state"].step) == 1  # a fresh step counter (and optimizer), not the pre-train's
-  assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (tmp_path / "pre" / "tokenizer.model").read_bytes()
+  assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (pre / "tokenizer.model").read_bytes()
 
 
 def test_sft_from_a_folder_without_tokenizer_fails_clearly(tmp_path):

@@ -4,6 +4,7 @@ the Scorer's, generation stops where asked, and bad input gives one-line errors.
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -19,8 +20,7 @@ import lm_eval  # noqa: E402  (the [test] extra brings it: a missing package fai
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
-from llada_jax import evaluate, harness, sampling_options, train  # noqa: E402
+from llada_jax import evaluate, harness, sampling_options  # noqa: E402
 
 TASK = "llada_local_mc"
 QUESTIONS = [  # (question, choices, index of the answer)
@@ -39,11 +39,9 @@ def _prompt(question: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("harness") / "pre"
-  train.train_and_evaluate(tiny_config(**{"train.num_steps": 1, "train.num_samples": 0,
-                                          "optim.warmup_steps": 1}), str(root))
-  return root
+def workdir(pretrained_workdir):
+  """conftest's shared tiny pre-training run (read-only)."""
+  return pathlib.Path(pretrained_workdir)
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,19 @@
 """Loading a trained workdir, `llada-sample`, `llada-chat` and the reverse-process views."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_config
-from llada_jax import config as config_lib, serving, train, visualize
-from llada_jax.configs import default
+from llada_jax import serving, visualize
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("serving")
-  pre = tiny_config(**{"train.num_steps": 4, "train.num_samples": 0, "optim.warmup_steps": 1})
-  train.train_and_evaluate(pre, str(root / "pre"))
-  c = default.get_config("tiny")
-  c.train.update(seq_len=64, num_steps=2, num_samples=0)
-  train.train_and_evaluate(config_lib.from_config_dict(default.sft(c, init_from=str(root / "pre"))),
-                           str(root / "sft"))
-  return root / "pre", root / "sft"
+def workdirs(pretrained_workdir, sft_workdir):
+  """conftest's shared runs: 4 pre-training steps, and 2 SFT steps from them (read-only)."""
+  return pathlib.Path(pretrained_workdir), pathlib.Path(sft_workdir)
 
 
 def _run(module, *args, stdin=None):
