@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import flag_probe
+
 from llada_jax import sampling, sampling_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,45 +51,14 @@ def test_train_cli_rejects_bad_values_in_one_line(tmp_path, flag, field):
 INFERENCE_COMMANDS = {"llada-sample": "llada_jax.cli.sample", "llada-chat": "llada_jax.cli.chat",
                       "llada-eval": "llada_jax.cli.evaluate"}
 
-# Imports each command's module in its own forked child (each defines its flags on absl's global FLAGS)
-# and prints {module: {flag: {type, default, choices, help}}} for every flag it defines.
-_PROBE = r"""
-import importlib, json, os, sys
-from absl import flags
-import llada_jax.cli.common, llada_jax.serving
-out = {}
-for module in sys.argv[1:]:
-  read, write = os.pipe()
-  if os.fork() == 0:
-    os.close(read)
-    try:
-      importlib.import_module(module)
-      seen = {name: {"type": f.flag_type(), "default": f.default, "help": f.help,
-                     "choices": getattr(f.parser, "enum_values", None)} for name, f in flags.FLAGS._flags().items()}
-    except BaseException as e:  # reported, not raised: the parent must hear back
-      seen = {"__error__": repr(e)}
-    with os.fdopen(write, "w") as f:
-      json.dump(seen, f)
-    os._exit(0)
-  os.close(write)
-  with os.fdopen(read) as f:
-    out[module] = json.load(f)
-  os.wait()
-print(json.dumps(out))
-"""
 _ABSL_TYPE = {int: "int", float: "float", bool: "bool", str: "string"}
 
 
 @pytest.fixture(scope="module")
 def command_flags():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-c", _PROBE, *INFERENCE_COMMANDS.values()], capture_output=True,
-                     text=True, timeout=300, cwd=REPO, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  by_module = json.loads(r.stdout.strip().splitlines()[-1])
-  for module, seen in by_module.items():
-    assert "__error__" not in seen, f"importing {module}: {seen['__error__']}"
-  return {command: by_module[module] for command, module in INFERENCE_COMMANDS.items()}
+  by_module = flag_probe.defined_flags(INFERENCE_COMMANDS.values())
+  return {command: {name: {k: v for k, v in flag.items() if k != "kind"} for name, flag in by_module[module].items()}
+          for command, module in INFERENCE_COMMANDS.items()}
 
 
 def _expected(option: sampling_options.Option) -> dict:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+import flag_probe
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "BUILD.md", "docs/*.md", "launch/README.md", "notebooks/README.md")
 _COMMAND = re.compile(r"llada-[a-z][a-z-]*")
@@ -53,49 +55,14 @@ def console_scripts() -> dict[str, str]:
   return dict(re.findall(r'"(llada-[a-z-]+)\s*=\s*([\w.]+):\w+"', text))
 
 
-# Imports every CLI module in its own forked child of one process that has loaded the heavy shared
-# modules once, and prints {module: {flag: kind}}: seconds, where a `--helpfull` per CLI takes ~4 s each.
-# Each CLI gets its own absl FLAGS (they define some of the same flag names, e.g. --workdir).
-_FLAGS_PROBE = r"""
-import importlib, json, os, sys
-from absl import app, flags
-import llada_jax, llada_jax.cli.common, llada_jax.hf, llada_jax.plan, llada_jax.reversal, llada_jax.serving
-from ml_collections import config_flags
-app.define_help_flags()
-out = {}
-for module in sys.argv[1:]:
-  read, write = os.pipe()
-  pid = os.fork()
-  if pid == 0:
-    os.close(read)
-    try:
-      importlib.import_module(module)
-      kinds = {name: ("config" if type(flag).__name__ == "_ConfigFlag" else
-                      "bool" if flag.boolean else "value") for name, flag in flags.FLAGS._flags().items()}
-    except BaseException as e:  # reported, not raised: the parent must hear back
-      kinds = {"__error__": repr(e)}
-    with os.fdopen(write, "w") as f:
-      json.dump(kinds, f)
-    os._exit(0)
-  os.close(write)
-  with os.fdopen(read) as f:
-    out[module] = json.load(f)
-  os.waitpid(pid, 0)
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
 def cli_flags() -> dict[str, dict[str, str]]:
   """{console script: {flag name: 'bool' | 'value' | 'config'}} as each CLI defines them."""
   scripts = console_scripts()
-  proc = subprocess.run([sys.executable, "-c", _FLAGS_PROBE, *sorted(set(scripts.values()))],
-                        capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  by_module = json.loads(proc.stdout.strip().splitlines()[-1])
-  for module, kinds in by_module.items():
-    assert "__error__" not in kinds, f"importing {module}: {kinds['__error__']}"
-  return {script: by_module[module] for script, module in scripts.items()}
+  by_module = flag_probe.defined_flags(sorted(set(scripts.values())))
+  return {script: {name: flag["kind"] for name, flag in by_module[module].items()} for script, module in scripts.items()}
 
 
 def config_fields() -> set[str]:
