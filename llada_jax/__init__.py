@@ -6,6 +6,7 @@ from llada_jax.diffusion import (LossOutput, NoisyBatch, ar_objective, forward_p
                                  sft_objective)
 from llada_jax.events import read_events
 from llada_jax.model import Transformer, abstract_model, apply, init_params
+from llada_jax.objectives import Field, Objective, register as register_objective
 from llada_jax.sampling import GenerateOutput, SamplingConfig, generate
 from llada_jax.train import TrainState, setup, train_and_evaluate
 
