@@ -147,20 +147,26 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return tokens, valid
 
 
-def _gumbel_argmax(logits_BLV: jax.Array, rng: jax.Array, temperature: float) -> jax.Array:
+def _gumbel_argmax(logits_BLV: jax.Array, rng: jax.Array, temperature: float, *,
+                   noise_shape: tuple[int, ...] | None = None, take=lambda u: u) -> jax.Array:
+  """Greedy (temperature 0) or Gumbel-max choice over the vocabulary. The noise is drawn over
+  `noise_shape` (default: the logits' shape) and `take` picks the logits' positions out of it, so a
+  decision made over a slice of a window draws the same numbers as one over the whole window."""
   if temperature == 0:
     return jnp.argmax(logits_BLV, axis=-1)
+  shape = logits_BLV.shape if noise_shape is None else noise_shape
   if jax.config.jax_enable_x64:  # the release's float64 formula, exactly
-    u = jax.random.uniform(rng, logits_BLV.shape, jnp.float64)
+    u = take(jax.random.uniform(rng, shape, jnp.float64))
     return jnp.argmax(jnp.exp(logits_BLV.astype(jnp.float64)) / (-jnp.log(u)) ** temperature, axis=-1)
-  u = jax.random.uniform(rng, logits_BLV.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+  u = take(jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny))
   return jnp.argmax(logits_BLV - temperature * jnp.log(-jnp.log(u)), axis=-1)
 
 
-def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Array) -> jax.Array:
-  """Higher = commit sooner."""
+def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Array, *,
+                noise_shape: tuple[int, ...] | None = None, take=lambda u: u) -> jax.Array:
+  """Higher = commit sooner. Random draws are made like `_gumbel_argmax`'s noise."""
   if rule == "random":
-    return jax.random.uniform(rng, x0_BL.shape, jnp.float32)
+    return take(jax.random.uniform(rng, x0_BL.shape if noise_shape is None else noise_shape, jnp.float32))
   if rule == "margin":
     top2 = jax.lax.top_k(probs_BLV, 2)[0]
     return top2[..., 0] - top2[..., 1]
@@ -171,26 +177,61 @@ def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Arra
 
 def _decide(cfg: SamplingConfig, logits_BWV, x_BW, pos_W, *, P: int, L: int, i, rng, mask_id: int,
             eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
-  """One step inside a window of positions: which masked positions to commit, and to what."""
+  """One step inside a window of positions: which masked positions to commit, and to what.
+
+  Only the current block of a row can commit, and it is the block of the row's first masked position:
+  when the window is wider than a block, the decision (vocabulary argmax, softmax, confidences, ranks)
+  is made over that block's `block_length` positions of each row, gathered out of the window, instead of
+  over every position of the window (a no-cache step sees the whole canvas, prompt included), and
+  scattered back. Random draws keep the window's shape, so every output is the same as over the window.
+  """
+  B, W = x_BW.shape
+  K = cfg.block_length
+  if K < W:
+    # block start <= first masked position < block start + K, and every candidate lies in that block;
+    # the K-wide slice, clamped into the window, still holds all of them.
+    first_masked_B = jnp.min(jnp.where(x_BW == mask_id, pos_W, L), axis=1)
+    block_start_B = P + ((first_masked_B - P) // K) * K
+    idx_BK = jnp.clip(block_start_B - pos_W[0], 0, W - K)[:, None] + jnp.arange(K)
+    take = lambda a: jnp.take_along_axis(a, idx_BK.reshape(idx_BK.shape + (1,) * (a.ndim - 2)), axis=1)
+    commit_BK, x0_BK = _decide_positions(cfg, take(logits_BWV), take(x_BW), pos_W[idx_BK], P=P, L=L, i=i,
+                                         rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                                         schedule=schedule, steps_per_block=steps_per_block,
+                                         noise_shape=logits_BWV.shape, take=take)
+    rows_B1 = jnp.arange(B)[:, None]
+    return (jnp.zeros((B, W), bool).at[rows_B1, idx_BK].set(commit_BK),
+            x_BW.at[rows_B1, idx_BK].set(x0_BK))
+  return _decide_positions(cfg, logits_BWV, x_BW, jnp.broadcast_to(pos_W, (B, W)), P=P, L=L, i=i, rng=rng,
+                           mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
+                           steps_per_block=steps_per_block)
+
+
+def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, P: int, L: int, i, rng, mask_id: int,
+                      eos_id: int, eot_id: int | None, schedule, steps_per_block: int,
+                      noise_shape: tuple[int, ...] | None = None, take=lambda u: u):
+  """`_decide` over given positions of each row (`pos_BW`, increasing): noise drawn over `noise_shape`
+  (the window's) and picked out by `take`."""
   masked_BW = x_BW == mask_id
   rng_noise, rng_conf = jax.random.split(jax.random.fold_in(rng, i))
   if cfg.suppress_eos_logit:
     logits_BWV = logits_BWV.at[..., eos_id].set(-jnp.inf)
   # The mask token is never a prediction (a trained model does not produce it; committing it would
   # leave the position masked). Excluded from the argmax only, so confidences are the release's.
-  x0_BW = _gumbel_argmax(logits_BWV.at[..., mask_id].set(-jnp.inf), rng_noise, cfg.temperature)
+  x0_BW = _gumbel_argmax(logits_BWV.at[..., mask_id].set(-jnp.inf), rng_noise, cfg.temperature,
+                         noise_shape=noise_shape, take=take)
   x0_BW = x0_BW.astype(x_BW.dtype)
   probs_BWV = jax.nn.softmax(logits_BWV, axis=-1)
-  conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking, rng_conf)
+  conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking, rng_conf,
+                        noise_shape=None if noise_shape is None else noise_shape[:2], take=take)
   if cfg.suppress_eos_confidence:
     stop_BW = x0_BW == eos_id
     if eot_id is not None:
       stop_BW |= x0_BW == eot_id
     conf_BW = jnp.where(stop_BW, -jnp.inf, conf_BW)
   # The current block of each row: the block of its first masked position.
-  first_masked_B = jnp.min(jnp.where(masked_BW, pos_W, L), axis=1)
+  first_masked_B = jnp.min(jnp.where(masked_BW, pos_BW, L), axis=1)
   block_end_B = P + ((first_masked_B - P) // cfg.block_length + 1) * cfg.block_length
-  candidate_BW = masked_BW & (pos_W[None, :] < block_end_B[:, None])
+  candidate_BW = masked_BW & (pos_BW < block_end_B[:, None])
   # Candidates whose confidence was suppressed (-inf) still rank above every non-candidate, so each
   # step commits its full quota and no mask survives the last step (they simply come last).
   conf_BW = jnp.where(candidate_BW, jnp.maximum(conf_BW, _SUPPRESSED), -jnp.inf)
