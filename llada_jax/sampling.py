@@ -187,30 +187,27 @@ def _decide(cfg: SamplingConfig, logits_BWV, x_BW, pos_W, *, P: int, L: int, i, 
   """
   B, W = x_BW.shape
   K = cfg.block_length
-  if K < W:
-    # block start <= first masked position < block start + K, and every candidate lies in that block;
-    # the K-wide slice, clamped into the window, still holds all of them.
-    first_masked_B = jnp.min(jnp.where(x_BW == mask_id, pos_W, L), axis=1)
-    block_start_B = P + ((first_masked_B - P) // K) * K
-    idx_BK = jnp.clip(block_start_B - pos_W[0], 0, W - K)[:, None] + jnp.arange(K)
-    take = lambda a: jnp.take_along_axis(a, idx_BK.reshape(idx_BK.shape + (1,) * (a.ndim - 2)), axis=1)
-    commit_BK, x0_BK = _decide_positions(cfg, take(logits_BWV), take(x_BW), pos_W[idx_BK], P=P, L=L, i=i,
-                                         rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-                                         schedule=schedule, steps_per_block=steps_per_block,
-                                         noise_shape=logits_BWV.shape, take=take)
-    rows_B1 = jnp.arange(B)[:, None]
-    return (jnp.zeros((B, W), bool).at[rows_B1, idx_BK].set(commit_BK),
-            x_BW.at[rows_B1, idx_BK].set(x0_BK))
-  return _decide_positions(cfg, logits_BWV, x_BW, jnp.broadcast_to(pos_W, (B, W)), P=P, L=L, i=i, rng=rng,
-                           mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
-                           steps_per_block=steps_per_block)
+  # The current block of each row: the block of its first masked position. Every candidate lies in
+  # [block_end - K, block_end), so a K-wide slice of the window, clamped into it, holds them all.
+  first_masked_B = jnp.min(jnp.where(x_BW == mask_id, pos_W, L), axis=1)
+  block_end_B = P + ((first_masked_B - P) // K + 1) * K
+  decide = functools.partial(_decide_positions, cfg, block_end_B=block_end_B, i=i, rng=rng, mask_id=mask_id,
+                             eos_id=eos_id, eot_id=eot_id, schedule=schedule, steps_per_block=steps_per_block)
+  if K >= W:
+    return decide(logits_BWV, x_BW, pos_W[None, :])
+  idx_BK = jnp.clip(block_end_B - K - pos_W[0], 0, W - K)[:, None] + jnp.arange(K)
+  take = lambda a: jnp.take_along_axis(a, idx_BK.reshape(idx_BK.shape + (1,) * (a.ndim - 2)), axis=1)
+  commit_BK, x0_BK = decide(take(logits_BWV), take(x_BW), pos_W[idx_BK], noise_shape=logits_BWV.shape,
+                            take=take)
+  rows_B1 = jnp.arange(B)[:, None]
+  return jnp.zeros((B, W), bool).at[rows_B1, idx_BK].set(commit_BK), x_BW.at[rows_B1, idx_BK].set(x0_BK)
 
 
-def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, P: int, L: int, i, rng, mask_id: int,
+def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_end_B, i, rng, mask_id: int,
                       eos_id: int, eot_id: int | None, schedule, steps_per_block: int,
                       noise_shape: tuple[int, ...] | None = None, take=lambda u: u):
-  """`_decide` over given positions of each row (`pos_BW`, increasing): noise drawn over `noise_shape`
-  (the window's) and picked out by `take`."""
+  """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`:
+  noise drawn over `noise_shape` (the window's) and picked out by `take`."""
   masked_BW = x_BW == mask_id
   rng_noise, rng_conf = jax.random.split(jax.random.fold_in(rng, i))
   if cfg.suppress_eos_logit:
@@ -228,9 +225,6 @@ def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, P: int, 
     if eot_id is not None:
       stop_BW |= x0_BW == eot_id
     conf_BW = jnp.where(stop_BW, -jnp.inf, conf_BW)
-  # The current block of each row: the block of its first masked position.
-  first_masked_B = jnp.min(jnp.where(masked_BW, pos_BW, L), axis=1)
-  block_end_B = P + ((first_masked_B - P) // cfg.block_length + 1) * cfg.block_length
   candidate_BW = masked_BW & (pos_BW < block_end_B[:, None])
   # Candidates whose confidence was suppressed (-inf) still rank above every non-candidate, so each
   # step commits its full quota and no mask survives the last step (they simply come last).
