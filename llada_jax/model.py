@@ -147,7 +147,8 @@ class Transformer(nnx.Module):
     `right_padded=True` promises every row of `valid_BT` is True on a prefix (training batches), which
     lets `attention_impl='cudnn'` pass padding as key lengths; samplers left-pad and leave it False.
     `return_hidden=True` returns (final normed hidden states [B, T, D], output head [D, V]) instead of
-    logits, for a loss that applies the head in chunks (`diffusion.chunked_scores`).
+    logits (with `return_cache`, in the logits' place), for a loss that applies the head in chunks
+    (`diffusion.chunked_scores`) or a sampler that needs a few positions' logits (`head_logits`).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -179,11 +180,18 @@ class Transformer(nnx.Module):
       kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
 
     x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
-    if return_hidden:
-      return x_BTD, self.lm_head[...]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dt))
-    logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
-    return (logits_BTV, kv_out) if return_cache else logits_BTV
+    out = (x_BTD, self.lm_head[...]) if return_hidden else head_logits(x_BTD, self.lm_head[...])
+    return (out, kv_out) if return_cache else out
+
+
+def head_logits(x_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
+  """The output head: final normed hidden states -> float32 logits [B, T, V] (the matmul in x's dtype).
+
+  The model's own last step; a sampler that needs logits at a few positions only applies it to those
+  rows of `return_hidden=True`'s states.
+  """
+  logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype))
+  return sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

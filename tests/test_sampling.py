@@ -186,3 +186,64 @@ def test_sampler_and_elbo_guide_through_the_one_helper(monkeypatch):
                                                                 mask_id=4, eos_id=1, eot_id=None))(
       params, jnp.asarray(tokens), jnp.asarray(valid))
   assert scales[1:] == [2.0]  # one model call per step, traced once inside the while_loop
+
+
+# --- The step's arithmetic: exact stand-ins for argmax / argsort, logits only where a step decides -----
+
+
+def test_argmax_is_jnp_argmax_exactly():
+  # CPU's two-pass argmax: first maximum, vocabularies below, at and between chunks, the maximum in the
+  # padded last chunk; input with a NaN (or both infinities) goes to jnp.argmax, which the result equals.
+  rng = np.random.default_rng(0)
+  C = sampling._ARGMAX_CHUNK
+  for V in (1, 7, 2 * C, 2 * C + 1, 4 * C, 5 * C - 3, 9 * C + 17):
+    finite = rng.choice(np.asarray([0.0, 1.0, 2.5, -np.inf], np.float32), size=(5, V), p=[.4, .3, .2, .1])
+    finite[0] = -np.inf                  # all -inf: index 0
+    finite[1] = 2.5                      # all tied: index 0
+    finite[2, -1] = 9.0                  # maximum in the last (padded) chunk
+    finite[3, V // 2:] = 2.5             # ties across chunks
+    plus_inf = np.where(finite == -np.inf, np.inf, finite)  # +inf ties, no -inf
+    with_nan = finite.copy()
+    with_nan[3, -1] = with_nan[4, V // 3] = np.nan
+    for x in (finite, plus_inf, with_nan):
+      if x is not with_nan:
+        assert not np.isnan(x.sum()), "this case must take the chunked path"
+      for dtype in (np.float32, jnp.bfloat16):
+        got = sampling._argmax(jnp.asarray(x.astype(dtype)))
+        np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x.astype(dtype)), axis=-1),
+                                      err_msg=f"V={V} {dtype}")
+  assert sampling._argmax(jnp.zeros((2, 3, 5 * C))).shape == (2, 3)
+
+
+@pytest.mark.parametrize("W", [1, 2, 33, sampling._PAIRWISE_RANKS + 5])  # the last: the sorting branch
+def test_ranks_are_the_double_stable_argsort(W):
+  rng = np.random.default_rng(W)
+  conf = rng.choice(np.asarray([0.1, 0.5, -np.inf, np.inf, np.nan, -1e30], np.float32), size=(4, W))
+  conf = np.where(rng.random((4, W)) < 0.4, rng.random((4, W)).astype(np.float32), conf)
+  want = jnp.argsort(jnp.argsort(-jnp.asarray(conf), axis=-1, stable=True), axis=-1, stable=True)
+  np.testing.assert_array_equal(sampling._ranks(jnp.asarray(conf)), want)
+  np.testing.assert_array_equal(np.sort(np.asarray(sampling._ranks(jnp.asarray(conf))), -1),
+                                np.broadcast_to(np.arange(W), (4, W)))  # a permutation per row
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_window_logits_at_positions_are_the_models_logits(cfg_scale):
+  # The sampler applies the head only to gathered rows of the hidden states: each must equal the model's
+  # (guided) logits at that position, and the cache of a hidden-state call is the logits call's cache.
+  graphdef, params = _peaked_model()
+  tokens, valid = sampling.left_pad([[10, 11, 12, 13], [20, 21]], pad_id=0)
+  x = jnp.concatenate([jnp.asarray(tokens), jnp.full((2, 8), 4, jnp.int32)], axis=1)
+  valid = jnp.concatenate([jnp.asarray(valid), jnp.ones((2, 8), bool)], axis=1)
+  logits_of = sampling._model_logits(graphdef, params, valid, P=4, cfg_scale=cfg_scale, mask_id=4)
+  lazy, cache = logits_of(x, return_cache=True)
+  full, want_cache = model.apply(graphdef, params, x, valid, return_cache=True)
+  if cfg_scale:
+    uncond, _ = model.apply(graphdef, params, x.at[:, :4].set(4), valid, return_cache=True)
+    full = diffusion.guided_logits(full, uncond, scale=cfg_scale)
+    want_cache = jax.tree.map(lambda c: c[:, :2], want_cache)  # the conditional half
+    cache = jax.tree.map(lambda c: c[:, :2], cache)
+  np.testing.assert_array_equal(lazy.at(), full)
+  idx = jnp.asarray([[4, 5, 6], [9, 10, 11]])
+  np.testing.assert_array_equal(lazy.at(idx), jnp.take_along_axis(full, idx[..., None], axis=1))
+  np.testing.assert_array_equal(lazy.window(4, 8).at(), full[:, 4:])
+  jax.tree.map(np.testing.assert_array_equal, cache, want_cache)
