@@ -1,11 +1,13 @@
 """Hardware ceilings of one device, measured: dense bf16 matmul rate and device-memory copy bandwidth.
 
   python benchmarks/ceilings.py            # prints both for jax.devices()[0]
+  python benchmarks/ceilings.py --n=256 --gib=0.01   # tiny sizes (the suite's CPU rehearsal)
 
 Imported by train_step.py and generate.py so their MFU and bandwidth floors are read against rates
 measured in the same run, not only against spec sheets.
 """
 
+import argparse
 import functools
 import time
 
@@ -50,11 +52,15 @@ def copy_bandwidth_gbs(gib: float = 2.0, chain: int = 8, repeats: int = 5) -> fl
   return 2 * n * 4 * chain / _best_seconds(f, x, repeats=repeats) / 1e9
 
 
-def main():
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="Measured bf16 matmul rate and copy bandwidth of one device.")
+  parser.add_argument("--n", type=int, default=8192, help="matmul size n (a chain of [n, n] @ [n, n])")
+  parser.add_argument("--gib", type=float, default=2.0, help="copy buffer size in GiB")
+  args = parser.parse_args(argv)
   d = jax.devices()[0]
   print(f"{d.device_kind} ({d.platform}), jax {jax.__version__}")
-  print(f"bf16 matmul 8192^3 x 8: {matmul_tflops():.1f} TFLOP/s")
-  print(f"memory copy (read + write), 2 GiB f32 x 8: {copy_bandwidth_gbs():.0f} GB/s")
+  print(f"bf16 matmul {args.n}^3 x 8: {matmul_tflops(args.n):.1f} TFLOP/s")
+  print(f"memory copy (read + write), {args.gib:g} GiB f32 x 8: {copy_bandwidth_gbs(args.gib):.0f} GB/s")
 
 
 if __name__ == "__main__":

