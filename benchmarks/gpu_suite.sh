@@ -125,7 +125,7 @@ part() {
           "$out/generate_$row.trace.json.gz" || failed=$((failed + 1))
       done
       rm -rf "$out/genprof" ;;
-    generate_unrolled)  # the same shape with the layers unrolled (no per-layer slicing of stacked weights)
+    generate_unrolled)  # the same shape with the layers unrolled, as serving.load runs them off CPU
       gen generate_unrolled 200 --rows=plain:1,prefix:1,dual:1 --config.model.scan_layers=False ;;
     *) echo "unknown part $1" >&2; failed=$((failed + 1)) ;;
   esac

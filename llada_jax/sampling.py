@@ -20,7 +20,8 @@ The decode core (the seam every sampler plugs into):
     early-exit fill;
   * `_decode` is THE loop: for each `Window` (static start/width, the span that keeps it open, a step
     budget, whether its first step refreshes a KV cache), `lax.while_loop` over one model call on the
-    window and one `_commit`.
+    window and one `_commit`. A model call yields `WindowLogits` (final hidden states + output head):
+    the head runs only at the positions `_decide` looks at (the current block of each row).
 A sampler only chooses the initial sequence (where the masks are), the transfer schedule and its
 windows: no cache = one window over the sequence; prefix/dual cache = one refreshed window per block;
 threshold decoding changes only the step budget and `_decide`'s rule. A block-diffusion sampler adds
