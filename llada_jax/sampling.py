@@ -348,8 +348,9 @@ class WindowLogits(NamedTuple):
     return self._replace(hidden_BWD=jax.lax.dynamic_slice_in_dim(self.hidden_BWD, start, width, axis=1))
 
   def at(self, idx_BK: jax.Array | None = None) -> jax.Array:
-    """Float32 logits [B, K, V] of window positions `idx_BK` of each row (default: all of them), equal
-    to those rows of the model's own logits."""
+    """Float32 logits [B, K, V] of window positions `idx_BK` of each row (default: all of them): the
+    model's own head on those rows, so the same numbers as those rows of its full logits (bit for bit
+    on CPU, tested; a GPU/TPU matmul over fewer rows may tile, and so round, differently)."""
     hidden = self.hidden_BWD
     if idx_BK is not None:
       halves = hidden.shape[0] // idx_BK.shape[0]
@@ -374,7 +375,7 @@ def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_
   valid_in = jnp.concatenate([valid_BL, valid_BL]) if guided else valid_BL
 
   def logits_of(x_BW, *, start: int = 0, cache=None, return_cache: bool = False):
-    B, W = x_BW.shape
+    W = x_BW.shape[1]
     kwargs = {"cache": cache, "offset": start} if cache is not None else {}
     kwargs.update(return_cache=return_cache, return_hidden=True)
     if guided:
