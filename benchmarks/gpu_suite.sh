@@ -75,6 +75,11 @@ gen() {  # gen NAME TIMEOUT_S ARGS...: generate.py at the target shape (llada_8b
     --json="$out/$name.json" "$@"
 }
 
+keep_trace() {  # keep_trace PROFILE_DIR DEST: copy the newest Perfetto trace a profiler run left there
+  # shellcheck disable=SC2012  # profiler-made names: ls -t finds the newest
+  cp "$(ls -t "$1"/plugins/profile/*/perfetto_trace.json.gz | head -1)" "$2" || failed=$((failed + 1))
+}
+
 part() {
   case $1 in
     ceilings) run 40 python3 benchmarks/ceilings.py "${ceiling_args[@]}" ;;
@@ -98,9 +103,7 @@ part() {
       step 1b_b8_none_cudnn_profiled 170 "${one_b[@]}" --config.train.batch_size=8 --config.model.remat_policy=none \
         --config.model.attention_impl=$attn --config.model.mlp_pad_to=0 --profile_dir="$out/prof" --steps=1
       run 60 python3 benchmarks/trace_summary.py "$out/prof" --top=45
-      # shellcheck disable=SC2012  # one profiler-made name: ls -t finds the newest
-      cp "$(ls -t "$out"/prof/plugins/profile/*/perfetto_trace.json.gz | head -1)" "$out/trace.json.gz" \
-        || failed=$((failed + 1))
+      keep_trace "$out/prof" "$out/trace.json.gz"
       rm -rf "$out/prof" ;;
     mlp5632)  # the unpadded step with the FFN width rounded to a multiple of 128 (5634 = 2 * 2817 is not)
       step 1b_b8_none_cudnn_mlp5632 170 "${one_b[@]}" --config.train.batch_size=8 --config.model.remat_policy=none \
@@ -120,9 +123,7 @@ part() {
       for row in plain_b1 dual_b1; do
         echo "== profile of $row"
         run 60 python3 benchmarks/trace_summary.py "$out/genprof/$row" --top=25
-        # shellcheck disable=SC2012  # one profiler-made name: ls -t finds the newest
-        cp "$(ls -t "$out/genprof/$row"/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
-          "$out/generate_$row.trace.json.gz" || failed=$((failed + 1))
+        keep_trace "$out/genprof/$row" "$out/generate_$row.trace.json.gz"
       done
       rm -rf "$out/genprof" ;;
     generate_unrolled)  # the same shape with the layers unrolled, as serving.load runs them off CPU
