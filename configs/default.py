@@ -2,7 +2,8 @@
 
 Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b (model
 shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
-`configs/pretrain_text.py`, ...). `sft(variant)` turns a preset into its SFT counterpart. Override any field on the command line:
+`configs/pretrain_text.py`, ...). `sft(c)` turns a preset into its SFT counterpart, `preference(c)` into
+its VRPO / exact-DPO one. Override any field on the command line:
 `--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
 """
 
@@ -42,9 +43,19 @@ def base() -> ml_collections.ConfigDict:
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.objective = "pretrain"   # pretrain (masked diffusion) | sft (prompt never masked) | ar (next token)
+                             # | vrpo (preferences on ELBOs) | ar_dpo (exact DPO, causal baseline)
   d.mask_token_id = 4        # id of the mask token M; 4 for the built-in sentencepiece tokenizer
   d.noise_eps = 1e-3         # masking probability p = (1 - eps) * t + eps, t ~ U(0, 1)
   d.random_length_prob = 0.01  # fraction of batches cropped to a random length (REFERENCE §2)
+
+  c.preference = pr = ml_collections.ConfigDict()  # vrpo / ar_dpo only (REFERENCE §9)
+  pr.beta = 0.1              # DPO's beta on the (ELBO) log-ratio margin; LLaDA2.0's DPO used 0.1
+  pr.budget = 8              # Monte Carlo samples per ELBO estimate (VRPO's n)
+  pr.n_mask = 1              # masks per sampled timestep: budget = (budget / n_mask) timesteps x n_mask;
+                             # 1 is VRPO's optimal allocation
+  pr.antithetic = True       # policy and reference share the timesteps and masks of each estimate
+  pr.estimator = "t"         # t: p ~ U(eps, 1), each token masked w.p. p, weight 1/p (REFERENCE §2, §9);
+                             # l: exactly l of L tokens masked, weight L/l (§5, lower variance)
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 4e-4           # learning rate after warmup
@@ -75,6 +86,8 @@ def base() -> ml_collections.ConfigDict:
   da.sft_format = "messages"  # SFT JSONL: {"messages": [...]} conversations, or prompt/response pairs
   da.prompt_field = "prompt"  # SFT pairs: prompt field
   da.response_field = "response"  # SFT pairs: response field
+  da.chosen_field = "chosen"  # preference JSONL: the preferred response
+  da.rejected_field = "rejected"  # preference JSONL: the dispreferred response
   da.num_documents = 20000   # documents (or conversations, for SFT) generated for the built-in data
   da.corpus_seed = 0         # seed of the built-in corpus generator
   da.tokenizer_path = ""     # sentencepiece .model, or a Hugging Face tokenizer.json / folder holding one;
@@ -123,6 +136,18 @@ def sft(c: ml_collections.ConfigDict, init_from: str = "") -> ml_collections.Con
   c.train.init_from = init_from
   c.optim.update(warmup_steps=min(50, c.train.num_steps // 10), stage2_steps=0,
                  decay_steps=max(1, c.train.num_steps // 10), final_lr_ratio=0.1)
+  return c
+
+
+def preference(c: ml_collections.ConfigDict, init_from: str = "", objective: str = "vrpo") -> ml_collections.ConfigDict:
+  """The preference-optimisation counterpart of a preset (REFERENCE §9): VRPO on ELBOs (or `ar_dpo`, exact
+  DPO of the causal baseline), the reference = the starting model (`init_from`, an SFT run), a fresh
+  optimizer at a small constant rate after a 10% warmup, no weight decay (DPO's usual recipe; the paper
+  gives no VRPO rate), held-out preferences validated (the built-in set holds out unseen entities)."""
+  c.diffusion.objective = objective
+  c.model.causal = objective == "ar_dpo"
+  c.train.init_from = init_from
+  c.optim.update(warmup_steps=max(1, c.train.num_steps // 10), stage2_steps=0, decay_steps=0, weight_decay=0.0)
   return c
 
 

@@ -149,6 +149,43 @@ class DiffusionConfig:
     _check_float(s, "random_length_prob", self.random_length_prob, 0.0, 1.0)
 
 
+PREFERENCE_ESTIMATORS = ("t", "l")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+  """Preference optimisation (`diffusion.objective` vrpo / ar_dpo; REFERENCE §9). Other objectives ignore it.
+
+  The loss is DPO with each log-likelihood replaced by an ELBO estimate (vrpo) or the exact one (ar_dpo):
+  -log sigmoid(beta * [(B_pol(y_w) - B_ref(y_w)) - (B_pol(y_l) - B_ref(y_l))]). VRPO's variance controls:
+  `budget` n Monte Carlo samples per ELBO, allocated as (n / n_mask) timesteps x `n_mask` masks each
+  (VRPO's optimal allocation is n_mask = 1), and `antithetic`: policy and reference estimate an ELBO from
+  the same timesteps and masks. Naive DPO-on-ELBO is budget=1, antithetic=False.
+  """
+
+  beta: float = 0.1
+  budget: int = 8
+  n_mask: int = 1
+  antithetic: bool = True
+  estimator: str = "t"
+
+  def __post_init__(self):
+    s = "preference"
+    _check_float(s, "beta", self.beta, 0.0, 1000.0, lo_open=True)
+    _check_int(s, "budget", self.budget, 1, 1024)
+    _check_int(s, "n_mask", self.n_mask, 1, 1024)
+    if self.budget % self.n_mask:
+      _fail(f"{s}.n_mask", f"a divisor of preference.budget={self.budget} (budget = timesteps x n_mask)",
+            self.n_mask)
+    if not isinstance(self.antithetic, bool):
+      _fail(f"{s}.antithetic", "True or False", self.antithetic)
+    _check_choice(s, "estimator", self.estimator, PREFERENCE_ESTIMATORS)
+
+  @property
+  def n_time(self) -> int:
+    return self.budget // self.n_mask
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with a Warmup-Stable-Decay schedule (REFERENCE §6).
@@ -198,7 +235,10 @@ class DataConfig:
   document per line or per file), `jsonl` (one JSON object per line, text in `text_field`),
   `array_record` (records of already tokenized int32 ids) and `tfds` (a prepared TFDS dataset read
   through `tfds.data_source` in array_record format). SFT (`diffusion.objective='sft'`) reads `jsonl`
-  conversations or pairs (`sft_format`), or the built-in procedural chat set (`procedural`).
+  conversations or pairs (`sft_format`), or the built-in procedural chat set (`procedural`). Preference
+  objectives (vrpo, ar_dpo) read `jsonl` records with `chosen_field`/`rejected_field` responses, as a
+  prompt (`sft_format='pairs'`) or a `messages` history ending with the user's turn, or the built-in
+  procedural preference set (`procedural`).
   """
 
   source: str = "procedural"
@@ -214,6 +254,8 @@ class DataConfig:
   sft_format: str = "messages"
   prompt_field: str = "prompt"
   response_field: str = "response"
+  chosen_field: str = "chosen"
+  rejected_field: str = "rejected"
   num_documents: int = 20000
   corpus_seed: int = 0
   tokenizer_path: str = ""
@@ -237,7 +279,7 @@ class DataConfig:
     _check_choice(s, "on_bad_record", self.on_bad_record, ("error", "skip"))
     _check_choice(s, "sft_format", self.sft_format, ("messages", "pairs"))
     _check_choice(s, "tokenizer_model_type", self.tokenizer_model_type, ("bpe", "unigram"))
-    for name in ("text_field", "prompt_field", "response_field", "tfds_split"):
+    for name in ("text_field", "prompt_field", "response_field", "chosen_field", "rejected_field", "tfds_split"):
       if not isinstance(getattr(self, name), str) or not getattr(self, name):
         _fail(f"{s}.{name}", "a non-empty string", getattr(self, name))
     _check_int(s, "num_documents", self.num_documents, 1)
@@ -348,6 +390,7 @@ class TrainConfig:
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+  preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -388,7 +431,7 @@ class Config:
 
 
 _SECTION_TYPES = {
-    "model": ModelConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
+    "model": ModelConfig, "diffusion": DiffusionConfig, "preference": PreferenceConfig, "optim": OptimConfig,
     "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
 }
 

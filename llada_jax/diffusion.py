@@ -1,4 +1,5 @@
-"""Masking and losses of masked diffusion (REFERENCE §2-3) and the autoregressive baseline.
+"""Masking and losses of masked diffusion (REFERENCE §2-3), the autoregressive baseline, the likelihood
+estimators (§5) and preference optimisation on them (DPO / VRPO, §9).
 
 Pure functions of arrays: no Flax, no model. A loss takes logits (or per-token `TokenScores`); an
 objective takes a `score_fn(inputs_BL, valid_BL, targets_BL) -> TokenScores`, built from a model's
@@ -36,6 +37,7 @@ class LossOutput(NamedTuple):
   loss: jax.Array             # scalar the optimizer minimises
   num_masked: jax.Array       # positions the loss looked at (masked, or next-token targets)
   num_correct: jax.Array      # of those, how many the argmax prediction got right
+  metrics: dict | None = None  # further scalar metrics of the objective (name -> float32), batch means
 
   @property
   def accuracy(self) -> jax.Array:
@@ -331,3 +333,144 @@ def causal_loglik(*, logits_BLV: jax.Array, tokens_BL: jax.Array, target_BL: jax
   from a causal model's logits (position i - 1 predicts token i)."""
   logp_BL = token_logprob(logits_BLV[:, :-1], tokens_BL[:, 1:])
   return jnp.where(target_BL[:, 1:].astype(bool), logp_BL, 0.0).sum(axis=1)
+
+
+# --- Preference optimisation: DPO on (ELBO) log-likelihoods (REFERENCE §9) ----------------------------
+
+
+class ElboDraws(NamedTuple):
+  """S = n_time x n_mask Monte Carlo samples of an ELBO per row: which tokens each masks, and its weight."""
+
+  masked_BSL: jax.Array       # bool: sample s of row b masks these (response) positions
+  weight_BS: jax.Array        # float32: 1/p (t-based) or L/l (l-based)
+
+
+def elbo_draws(rng: jax.Array, *, response_BL: jax.Array, n_time: int, n_mask: int, estimator: str = "t",
+               eps: float = 1e-3) -> ElboDraws:
+  """The timesteps and masks of `n_time * n_mask` ELBO samples per row, sample s using timestep s // n_mask.
+
+  estimator='t' (REFERENCE §2, §9): t ~ U(0, 1) per timestep, p = (1 - eps) t + eps, each response token
+    masked with probability p by each of the timestep's n_mask masks; weight 1/p.
+  estimator='l' (§5): n_time mask counts l stratified over 1..L (`stratified_mask_counts`), each mask
+    hides exactly l of the L response tokens; weight L/l.
+  Only `response_BL` positions are ever masked (the prompt never is). VRPO's optimal allocation is
+  n_mask = 1: n distinct timesteps, one mask each. Example: n_time = 2, n_mask = 2 gives four samples,
+  the first two at one t (two different masks), the last two at another.
+  """
+  B, L = response_BL.shape
+  S = n_time * n_mask
+  response_BL = response_BL.astype(bool)
+  rng_t, rng_m = jax.random.split(rng)
+  draws_BSL = jax.random.uniform(rng_m, (B, S, L))
+  per_sample = lambda x_BT: jnp.repeat(x_BT, n_mask, axis=1)
+  if estimator == "t":
+    p_BS = per_sample((1.0 - eps) * jax.random.uniform(rng_t, (B, n_time), jnp.float32) + eps)
+    masked_BSL = response_BL[:, None, :] & (draws_BSL < p_BS[..., None])
+    return ElboDraws(masked_BSL, 1.0 / p_BS)
+  if estimator == "l":
+    length_B = response_BL.sum(axis=1)
+    count_BS = per_sample(stratified_mask_counts(rng_t, length_B=length_B, num_samples=n_time))
+    masked_NL = _mask_lowest(draws_BSL.reshape(B * S, L), jnp.repeat(response_BL, S, axis=0), count_BS.reshape(-1))
+    weight_BS = length_B[:, None].astype(jnp.float32) / count_BS.astype(jnp.float32)
+    return ElboDraws(masked_NL.reshape(B, S, L), weight_BS)
+  raise ValueError(f"estimator must be 't' or 'l'; got {estimator!r}")
+
+
+def masked_elbo(score_fn: ScoreFn, draws: ElboDraws, *, tokens_BL: jax.Array, valid_BL: jax.Array,
+                mask_id: int) -> tuple[jax.Array, TokenScores]:
+  """float32 [B]: the ELBO estimate (1/S) sum_s w_s * sum_{i masked by s} log p(x_i | x_s), a SUM over
+  tokens (REFERENCE §9), from one `score_fn` call over all B * S noisy rows; also the scores [B*S, L].
+
+  Example: one sample masking two tokens with log-probs -0.2 and -0.4 at p = 0.5: (-0.6) / 0.5 = -1.2.
+  """
+  B, S, L = draws.masked_BSL.shape
+  rep = lambda x: jnp.repeat(x, S, axis=0)
+  masked_NL = draws.masked_BSL.reshape(B * S, L)
+  tokens_NL = rep(tokens_BL)
+  noisy_NL = jnp.where(masked_NL, jnp.asarray(mask_id, tokens_NL.dtype), tokens_NL)
+  scores = score_fn(noisy_NL, rep(valid_BL.astype(bool)), tokens_NL)
+  logp_BS = jnp.where(masked_NL, -scores.nll_BL, 0.0).sum(axis=1).reshape(B, S)
+  return (draws.weight_BS * logp_BS).mean(axis=1), scores
+
+
+class DpoOutput(NamedTuple):
+  loss: jax.Array             # scalar: mean over pairs of -log sigmoid(margin)
+  margin_B: jax.Array         # beta * [(pol_w - ref_w) - (pol_l - ref_l)]: the (estimated) preference score
+  reward_chosen_B: jax.Array  # beta * (pol_w - ref_w): the implicit reward of the chosen response
+  reward_rejected_B: jax.Array
+
+
+def dpo_loss(*, policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, reference_chosen_B: jax.Array,
+             reference_rejected_B: jax.Array, beta: float) -> DpoOutput:
+  """DPO (Rafailov et al., 2023) on log-likelihoods, or on ELBO estimates of them (LLaDA 1.5's VRPO):
+  L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), mean over pairs.
+
+  Example: policy - reference = +1 on the chosen and -1 on the rejected response, beta = 0.5: margin
+  0.5 * (1 - (-1)) = 1, loss -log sigmoid(1) = 0.3133, rewards +0.5 and -0.5.
+  """
+  reward_w = beta * (policy_chosen_B - reference_chosen_B)
+  reward_l = beta * (policy_rejected_B - reference_rejected_B)
+  margin_B = reward_w - reward_l
+  return DpoOutput(-jax.nn.log_sigmoid(margin_B).mean(), margin_B, reward_w, reward_l)
+
+
+def preference_metrics(out: DpoOutput) -> dict[str, jax.Array]:
+  """Batch means: the reward margin, the preference accuracy (share of pairs with margin > 0) and the
+  chosen / rejected implicit rewards."""
+  return {"reward_margin": out.margin_B.mean(), "preference_accuracy": (out.margin_B > 0).mean(dtype=jnp.float32),
+          "reward_chosen": out.reward_chosen_B.mean(), "reward_rejected": out.reward_rejected_B.mean()}
+
+
+def _both(chosen_BL: jax.Array, rejected_BL: jax.Array, *rows: jax.Array) -> tuple[jax.Array, ...]:
+  """[chosen; rejected] as one 2B-row batch, with the per-row arrays `rows` repeated for both halves."""
+  return (jnp.concatenate([chosen_BL, rejected_BL]),) + tuple(jnp.concatenate([r, r]) for r in rows)
+
+
+def vrpo_objective(score_fn: ScoreFn, reference_fn: ScoreFn, rng: jax.Array, *, chosen_BL: jax.Array,
+                   rejected_BL: jax.Array, prompt_len_B: jax.Array, valid_BL: jax.Array, mask_id: int,
+                   beta: float, n_time: int, n_mask: int = 1, antithetic: bool = True, estimator: str = "t",
+                   eps: float = 1e-3) -> LossOutput:
+  """VRPO (LLaDA 1.5): `dpo_loss` on ELBO estimates of the policy (`score_fn`) and the frozen reference.
+
+  Each of the 2B responses (rows [prompt, response, EOS...], both responses of a pair EOS-padded to the
+  batch's common length by `valid_BL`) gets S = n_time * n_mask samples (`elbo_draws`). With
+  `antithetic` the reference scores the very noisy inputs the policy scores, so the two estimates' noise
+  cancels in their difference (for identical models the margin is exactly 0); without, it draws its own.
+  Naive DPO-on-ELBO is n_time = n_mask = 1, antithetic=False. The reference is never differentiated.
+  num_masked / num_correct count the policy's masked tokens; `metrics` are `preference_metrics`.
+  """
+  B, L = chosen_BL.shape
+  tokens_NL, prompt_N, valid_NL = _both(chosen_BL, rejected_BL, prompt_len_B, valid_BL.astype(bool))
+  response_NL = response_mask(prompt_len_B=prompt_N, length=L) & valid_NL
+  rng_policy, rng_reference = jax.random.split(rng)
+  draw = lambda key: elbo_draws(key, response_BL=response_NL, n_time=n_time, n_mask=n_mask, estimator=estimator,
+                                eps=eps)
+  draws = draw(rng_policy)
+  elbo = lambda fn, d: masked_elbo(fn, d, tokens_BL=tokens_NL, valid_BL=valid_NL, mask_id=mask_id)
+  policy_N, scores = elbo(score_fn, draws)
+  reference_N, _ = elbo(reference_fn, draws if antithetic else draw(rng_reference))
+  reference_N = jax.lax.stop_gradient(reference_N)
+  out = dpo_loss(policy_chosen_B=policy_N[:B], policy_rejected_B=policy_N[B:], reference_chosen_B=reference_N[:B],
+                 reference_rejected_B=reference_N[B:], beta=beta)
+  counted_NL = draws.masked_BSL.reshape(-1, L)
+  return LossOutput(out.loss, counted_NL.sum(), (scores.correct_BL & counted_NL).sum(), preference_metrics(out))
+
+
+def exact_dpo_objective(score_fn: ScoreFn, reference_fn: ScoreFn, *, chosen_BL: jax.Array, rejected_BL: jax.Array,
+                        prompt_len_B: jax.Array, valid_BL: jax.Array, beta: float) -> LossOutput:
+  """Exact DPO for the causal baseline: `dpo_loss` on log p(response | prompt) summed over next-token
+  predictions (`score_fn` of a causal model, position i scored against token i + 1), of the policy and
+  the frozen reference. num_masked / num_correct count the policy's response targets."""
+  B, L = chosen_BL.shape
+  tokens_NL, prompt_N, valid_NL = _both(chosen_BL, rejected_BL, prompt_len_B, valid_BL.astype(bool))
+  next_NL = jnp.concatenate([tokens_NL[:, 1:], tokens_NL[:, :1]], axis=1)
+  # position i predicts token i + 1: a response target when i + 1 is a valid response position
+  target_NL = jnp.concatenate([(response_mask(prompt_len_B=prompt_N, length=L) & valid_NL)[:, 1:],
+                               jnp.zeros((2 * B, 1), bool)], axis=1)
+  loglik = lambda scores: jnp.where(target_NL, -scores.nll_BL, 0.0).sum(axis=1)
+  scores = score_fn(tokens_NL, valid_NL, next_NL)
+  policy_N = loglik(scores)
+  reference_N = jax.lax.stop_gradient(loglik(reference_fn(tokens_NL, valid_NL, next_NL)))
+  out = dpo_loss(policy_chosen_B=policy_N[:B], policy_rejected_B=policy_N[B:], reference_chosen_B=reference_N[:B],
+                 reference_rejected_B=reference_N[B:], beta=beta)
+  return LossOutput(out.loss, target_NL.sum(), (scores.correct_BL & target_NL).sum(), preference_metrics(out))

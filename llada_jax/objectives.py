@@ -5,14 +5,16 @@ pipeline, serving and the converters read the record instead of comparing object
 
   batch          the fields of a training batch: name -> `Field(rank, dtype)`; data builders yield them,
                  `train.setup` shards them, `plan.dry_run` sizes them
-  loss           a pure function `(score_fn, batch, rng, *, diffusion, frozen) -> diffusion.LossOutput`
-                 of a score function (llada_jax.diffusion.ScoreFn), the batch and a key
-  eval_metric    the name under which validation reports exp(loss): a bound or an exact perplexity
+  loss           a pure function `(score_fn, batch, rng, *, config, reference) -> diffusion.LossOutput`
+                 of a score function (llada_jax.diffusion.ScoreFn), the batch, a key, the run's Config and
+                 the frozen reference model's score function (None unless `reference`)
+  eval_metric    the name under which validation reports exp(loss) (a bound or an exact perplexity), or
+                 None where exp(loss) means nothing (preference losses: their `metrics` are reported)
   causal         the attention mask the objective trains (`model.causal` must equal it)
   chat           whether it trains a chat model (the default of `model.chat`, stored in checkpoints)
-  frozen_state   None, or `(config, mesh) -> pytree` building non-trained state the loss reads (the slot
-                 a frozen reference model uses for preference optimisation); built once per run, never
-                 differentiated, sharded by the caller
+  reference      whether the run holds a frozen reference model: a copy of the starting parameters
+                 (`train.init_from`'s, else the fresh init) kept in `TrainState.frozen`, sharded like the
+                 parameters, checkpointed and restored with them, never differentiated nor optimised
   training_data  `(config, workdir, *, process_index, process_count) -> pipeline.TrainingData`
   eval_batches   `(config, tokenizer, *, process_index, process_count) -> list of host batches`
 
@@ -40,7 +42,7 @@ class Field:
   dtype: str
 
 
-# (score_fn, batch, rng, *, diffusion: config.DiffusionConfig, frozen) -> LossOutput
+# (score_fn, batch, rng, *, config: config.Config, reference: ScoreFn | None) -> LossOutput
 LossFn = Callable[..., diffusion_lib.LossOutput]
 
 
@@ -49,12 +51,12 @@ class Objective:
   name: str
   batch: Mapping[str, Field]
   loss: LossFn
-  eval_metric: str
+  eval_metric: str | None
   causal: bool
   chat: bool
   training_data: Callable[..., pipeline.TrainingData]
   eval_batches: Callable[..., list]
-  frozen_state: Callable[..., Any] | None = None
+  reference: bool = False
 
   def batch_ranks(self) -> dict[str, int]:
     return {name: f.rank for name, f in self.batch.items()}
@@ -101,22 +103,36 @@ def eval_batches(config, tok, **host: Any) -> list[dict[str, np.ndarray]]:
   return of(config).eval_batches(config, tok, **host)
 
 
-def _pretrain_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
-  del frozen
-  return diffusion_lib.pretrain_objective(score_fn, rng, tokens_BL=batch["tokens"], mask_id=diffusion.mask_token_id,
-                                          eps=diffusion.noise_eps, random_length_prob=diffusion.random_length_prob)
+def _pretrain_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+  d = config.diffusion
+  return diffusion_lib.pretrain_objective(score_fn, rng, tokens_BL=batch["tokens"], mask_id=d.mask_token_id,
+                                          eps=d.noise_eps, random_length_prob=d.random_length_prob)
 
 
-def _sft_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
-  del frozen
+def _sft_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+  d = config.diffusion
   return diffusion_lib.sft_objective(score_fn, rng, tokens_BL=batch["tokens"], prompt_len_B=batch["prompt_len"],
-                                     mask_id=diffusion.mask_token_id, eps=diffusion.noise_eps,
-                                     valid_BL=batch["valid"])
+                                     mask_id=d.mask_token_id, eps=d.noise_eps, valid_BL=batch["valid"])
 
 
-def _ar_loss(score_fn, batch, rng: jax.Array, *, diffusion, frozen=None) -> diffusion_lib.LossOutput:
-  del rng, diffusion, frozen
+def _ar_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+  del rng, config
   return diffusion_lib.ar_objective(score_fn, tokens_BL=batch["tokens"])
+
+
+def _vrpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffusion_lib.LossOutput:
+  p, d = config.preference, config.diffusion
+  return diffusion_lib.vrpo_objective(
+      score_fn, reference, rng, chosen_BL=batch["chosen"], rejected_BL=batch["rejected"],
+      prompt_len_B=batch["prompt_len"], valid_BL=batch["valid"], mask_id=d.mask_token_id, beta=p.beta,
+      n_time=p.n_time, n_mask=p.n_mask, antithetic=p.antithetic, estimator=p.estimator, eps=d.noise_eps)
+
+
+def _ar_dpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffusion_lib.LossOutput:
+  del rng
+  return diffusion_lib.exact_dpo_objective(score_fn, reference, chosen_BL=batch["chosen"],
+                                           rejected_BL=batch["rejected"], prompt_len_B=batch["prompt_len"],
+                                           valid_BL=batch["valid"], beta=config.preference.beta)
 
 
 _PACKED = {"tokens": Field(2, "int32")}
@@ -137,3 +153,21 @@ SFT = register(Objective(
 AR = register(Objective(
     name="ar", batch=_PACKED, loss=_ar_loss, eval_metric="eval_ppl", causal=True, chat=False,
     training_data=pipeline.packed_training_data, eval_batches=pipeline.packed_eval_batches))
+
+# Preference pairs: the chosen and the rejected response after one shared prompt, both EOS-padded to the
+# batch's common length (`valid`), as SFT rows are (llada_jax.data.preference).
+_PAIRS = {"chosen": Field(2, "int32"), "rejected": Field(2, "int32"), "prompt_len": Field(1, "int32"),
+          "valid": Field(2, "bool")}
+
+# VRPO (LLaDA 1.5): DPO on ELBO estimates against a frozen reference (the starting SFT model), with the
+# sample budget, allocation and antithetic sharing of `config.preference`.
+VRPO = register(Objective(
+    name="vrpo", batch=_PAIRS, loss=_vrpo_loss, eval_metric=None, causal=False, chat=True,
+    training_data=pipeline.preference_training_data, eval_batches=pipeline.preference_eval_batches,
+    reference=True))
+
+# Exact DPO for the causal baseline: the same pairs, exact log-likelihoods.
+AR_DPO = register(Objective(
+    name="ar_dpo", batch=_PAIRS, loss=_ar_dpo_loss, eval_metric=None, causal=True, chat=True,
+    training_data=pipeline.preference_training_data, eval_batches=pipeline.preference_eval_batches,
+    reference=True))

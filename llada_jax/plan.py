@@ -62,10 +62,14 @@ def _fmt_bytes(n: float) -> str:
 
 
 def shardings_table(s: train.Setup) -> str:
-  """A table of every parameter and optimizer-state leaf: shape, dtype, PartitionSpec, bytes per device."""
+  """A table of every parameter, optimizer-state and reference-model leaf: shape, dtype, PartitionSpec, bytes
+  per device."""
   lines = [f"mesh {dict(s.mesh.shape)}, rule set {s.config.mesh.rule_set!r}"
            + (f" with overrides {s.config.mesh.rules}" if s.config.mesh.rules else "")]
-  for name, tree in (("params", s.abstract_state.params), ("opt_state", s.abstract_state.opt_state)):
+  trees = [("params", s.abstract_state.params), ("opt_state", s.abstract_state.opt_state)]
+  if s.abstract_state.frozen is not None:
+    trees.append(("reference (frozen)", s.abstract_state.frozen))
+  for name, tree in trees:
     rows = leaf_placements(tree)
     width = max(len(r.path) for r in rows)
     lines.append(f"\n{name}:")
@@ -87,14 +91,17 @@ class MemoryReport:
   params_total: int           # the whole model, all devices together
   params_per_device: int
   opt_per_device: int
+  reference_per_device: int   # a frozen reference model (preference objectives), else 0
   batch_per_device: int
   temp_per_device: int        # activations, gradients in flight, collectives' buffers
   peak_per_device: int        # arguments + temporaries + outputs not aliased to (donated) arguments
   compile_s: float
 
   def table(self) -> str:
-    rows = [("parameters", self.params_per_device), ("optimizer state", self.opt_per_device),
-            ("batch", self.batch_per_device), ("activations + temporaries", self.temp_per_device),
+    rows = [("parameters", self.params_per_device), ("optimizer state", self.opt_per_device)]
+    if self.reference_per_device:
+      rows.append(("reference model (frozen)", self.reference_per_device))
+    rows += [("batch", self.batch_per_device), ("activations + temporaries", self.temp_per_device),
             ("peak (estimate)", self.peak_per_device)]
     out = [f"dry run: {self.num_devices} devices, mesh {self.mesh_shape}, compiled in {self.compile_s:.1f}s",
            f"model parameters: {_fmt_bytes(self.params_total)} in total",
@@ -118,11 +125,12 @@ def dry_run(s: train.Setup) -> MemoryReport:
   batch = abstract_batch(s)
   t0 = time.time()
   with sharding.use_rules(s.config.mesh, s.mesh):
-    compiled = s.jit_step.lower(s.abstract_state, batch, s.frozen).compile()
+    compiled = s.jit_step.lower(s.abstract_state, batch).compile()
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   params = leaf_placements(s.abstract_state.params)
   opt = leaf_placements(s.abstract_state.opt_state)
+  reference = leaf_placements(s.abstract_state.frozen) if s.abstract_state.frozen is not None else []
   batch_bytes = sum(r.device_bytes for r in leaf_placements(batch))
   peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
           + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0))
@@ -130,5 +138,6 @@ def dry_run(s: train.Setup) -> MemoryReport:
       num_devices=s.mesh.size, mesh_shape=dict(s.mesh.shape),
       params_total=sum(r.total_bytes for r in params),
       params_per_device=sum(r.device_bytes for r in params),
-      opt_per_device=sum(r.device_bytes for r in opt), batch_per_device=batch_bytes,
+      opt_per_device=sum(r.device_bytes for r in opt),
+      reference_per_device=sum(r.device_bytes for r in reference), batch_per_device=batch_bytes,
       temp_per_device=int(mem.temp_size_in_bytes), peak_per_device=int(peak), compile_s=compile_s)

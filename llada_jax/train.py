@@ -32,6 +32,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # uint32 key data of the per-step key (raw, so Orbax stores it like any array)
+  frozen: Any = None  # non-trained state: a reference model's parameters (objectives.Objective.reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +49,10 @@ class Setup:
   batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per field of the objective's batch
   init: Callable[[jax.Array], TrainState]
   step: Callable[..., tuple[TrainState, dict]]  # (state, batch) -> (state, metrics)
-  eval_step: Callable[..., dict]   # (params, batch, rng) -> {'loss', 'masked_accuracy'}
+  eval_step: Callable[..., dict]   # (params, batch, rng, frozen) -> {'loss', 'masked_accuracy', ...}
   objective: objectives.Objective
-  frozen: Any                      # the objective's non-trained state (objectives.Objective.frozen_state)
-  jit_step: Any                    # the jitted (state, batch, frozen) -> (state, metrics) behind `step`
+  jit_step: Any                    # the jitted (state, batch) -> (state, metrics) behind `step`
+  with_reference: Callable[[TrainState], TrainState]  # frozen := a copy of params (reference objectives)
 
 
 def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
@@ -73,9 +74,16 @@ def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
 
 def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array,
           frozen: Any = None) -> tuple[jax.Array, diffusion.LossOutput]:
-  out = objectives.of(config).loss(_score_fn(config, graphdef, params), batch, rng, diffusion=config.diffusion,
-                                   frozen=frozen)
+  # The reference model scores with the policy's score function over its own (constant) parameters.
+  reference = (_score_fn(config, graphdef, jax.lax.stop_gradient(frozen))
+               if objectives.of(config).reference else None)
+  out = objectives.of(config).loss(_score_fn(config, graphdef, params), batch, rng, config=config,
+                                   reference=reference)
   return out.loss, out
+
+
+def _metric_sums(out: diffusion.LossOutput) -> dict[str, jax.Array]:
+  return {"loss": out.loss, "num_masked": out.num_masked, "num_correct": out.num_correct, **(out.metrics or {})}
 
 
 def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -84,26 +92,31 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   `lax.scan` runs one after another, averaging gradients before the single optimizer update."""
   accum = config.train.grad_accum_steps
 
-  def train_step(state: TrainState, batch: dict, frozen: Any = None) -> tuple[TrainState, dict]:
-    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, frozen), has_aux=True)
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, state.frozen), has_aux=True)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
-      (loss, out), grads = grad_fn(state.params, batch, step_rng)
-      num_masked, num_correct = out.num_masked, out.num_correct
+      (_, out), grads = grad_fn(state.params, batch, step_rng)
+      sums = _metric_sums(out)
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
       def body(carry, xs):
         i, mb = xs
-        (l, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
-        acc_g, acc_l, acc_n, acc_c = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_n + o.num_masked, acc_c + o.num_correct), None
+        (_, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        acc_g, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, _metric_sums(o))), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-      (grads, loss, num_masked, num_correct), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(lambda: _metric_sums(_loss(config, graphdef, state.params, first, step_rng,
+                                                         state.frozen)[1]))
+      zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
+      # losses and objective metrics are means over micro-batches; the masked-token counts add up
+      sums = {k: v if k in ("num_masked", "num_correct") else v / accum for k, v in sums.items()}
+    loss, num_masked, num_correct = sums.pop("loss"), sums.pop("num_masked"), sums.pop("num_correct")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -119,6 +132,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
         "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
         "nonfinite": (~finite).astype(jnp.float32),  # averaged over a log window: the share skipped
+        **sums,  # the objective's own metrics (preference accuracy, reward margin, ...)
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -135,7 +149,8 @@ def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:
 
   def eval_step(params: Any, batch: dict, rng: jax.Array, frozen: Any = None) -> dict:
     loss, out = _loss(eval_config, graphdef, params, batch, rng, frozen)
-    return {"loss": loss, "masked_accuracy": out.num_correct / jnp.maximum(out.num_masked, 1)}
+    return {"loss": loss, "masked_accuracy": out.num_correct / jnp.maximum(out.num_masked, 1),
+            **(out.metrics or {})}
 
   return eval_step
 
@@ -157,34 +172,37 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl)
+  objective = objectives.of(config)
+  # A reference model is sharded exactly like the parameters it copies.
+  frozen_sh = param_shardings if objective.reference else None
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
+                               frozen=frozen_sh)
 
   def init_fn(rng: jax.Array) -> TrainState:
     params_key, step_key = jax.random.split(rng)
     params = model_lib.init_params(config.model, params_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(step_key))
+                      rng=jax.random.key_data(step_key),
+                      frozen=jax.tree.map(jnp.copy, params) if objective.reference else None)
 
   abstract_state = ckpt_lib.abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
 
-  objective = objectives.of(config)
   batch_sh = {name: sharding.batch_sharding(config.mesh, mesh, ndim)
               for name, ndim in objective.batch_ranks().items()}
-  # Frozen state comes placed by its builder (e.g. sharded like the parameters it mirrors); the step
-  # keeps those shardings and never differentiates or updates it.
-  frozen = objective.frozen_state(config, mesh) if objective.frozen_state else None
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   with sharding.use_rules(config.mesh, mesh):
     init = jax.jit(init_fn, out_shardings=state_shardings)
     jit_step = jax.jit(make_train_step(config, graphdef, tx, schedule),
-                       in_shardings=(state_shardings, batch_sh, frozen_sh), out_shardings=(state_shardings, repl),
+                       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                        donate_argnums=0)
-    jit_eval = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl, frozen_sh),
-                       out_shardings=repl)
-  step = lambda state, batch: jit_step(state, batch, frozen)
-  eval_step = lambda params, batch, rng: jit_eval(params, batch, rng, frozen)
-  return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, step,
-               eval_step, objective, frozen, jit_step)
+    eval_step = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl, frozen_sh),
+                        out_shardings=repl)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
+
+  def with_reference(state: TrainState) -> TrainState:
+    return state.replace(frozen=copy(state.params)) if objective.reference else state
+
+  return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, jit_step,
+               eval_step, objective, jit_step, with_reference)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
@@ -213,15 +231,22 @@ def run_steps(s: Setup, state: TrainState, batches, num_steps: int) -> tuple[Tra
   return state, jax.device_get(history)
 
 
-def validate(s: Setup, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Mean held-out loss and masked accuracy over `batches`, batch i masked with a key fixed by i."""
+def validate(s: Setup, params: Any, batches: list[dict[str, np.ndarray]], *,
+             reference: Any = None) -> dict[str, float]:
+  """Mean held-out loss, masked accuracy and the objective's metrics over `batches` (`eval_` + name),
+  batch i masked with a key fixed by i. `reference`: the frozen reference parameters (`TrainState.frozen`)
+  of an objective that has one."""
+  if s.objective.reference and reference is None:
+    raise ValueError(f"validating a '{s.objective.name}' run needs its reference parameters (TrainState.frozen)")
   key = jax.random.key(s.config.train.seed + 1)
   with sharding.use_rules(s.config.mesh, s.mesh):
-    out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i)) for i, b in enumerate(batches)]
+    out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i), reference)
+           for i, b in enumerate(batches)]
   out = jax.device_get(out)
-  loss = float(np.mean([o["loss"] for o in out]))
-  return {"eval_loss": loss, s.objective.eval_metric: float(np.exp(min(loss, 50.0))),
-          "eval_masked_accuracy": float(np.mean([o["masked_accuracy"] for o in out]))}
+  means = {f"eval_{k}": float(np.mean([o[k] for o in out])) for k in out[0]}
+  if s.objective.eval_metric:
+    means[s.objective.eval_metric] = float(np.exp(min(means["eval_loss"], 50.0)))
+  return means
 
 
 def _check_tokenizer(config: Config, tok) -> None:
@@ -302,7 +327,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
     start = 0
     state = s.init(root_key(config))
     if config.train.init_from:
-      state = _init_params_from(config, s, state)
+      state = s.with_reference(_init_params_from(config, s, state))
   control.begin(start, resumed=restored is not None)
   if jax.process_index() == 0:
     files.write_atomic(files.path(workdir, "config.json"), config.to_json())
@@ -327,7 +352,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
       last_step = done == control.end or preempted
       logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
       if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
-        scores = validate(s, state.params, eval_batches)
+        scores = validate(s, state.params, eval_batches, reference=state.frozen)
         writer.write(done, scores)
         logger.progress.print(done, scores)
       if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):

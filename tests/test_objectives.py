@@ -26,11 +26,13 @@ def _small(name: str, **overrides) -> config_lib.Config:
   return config_lib.from_config_dict(c)
 
 
-def test_registry_holds_the_three_objectives():
-  assert objectives.names() == ("pretrain", "sft", "ar")
-  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True]
-  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False]
+def test_registry_holds_the_objectives():
+  assert objectives.names() == ("pretrain", "sft", "ar", "vrpo", "ar_dpo")
+  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True, False, True]
+  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False, True, True]
+  assert [objectives.get(n).reference for n in objectives.names()] == [False, False, False, True, True]
   assert objectives.get("ar").eval_metric == "eval_ppl" and objectives.get("sft").eval_metric == "eval_ppl_bound"
+  assert objectives.get("vrpo").eval_metric is None  # exp(a DPO loss) is no perplexity
 
 
 def test_unknown_objective_is_refused_naming_the_field():
@@ -90,16 +92,17 @@ def test_batch_layout_matches_what_the_data_builder_yields(tmp_path, name):
 
 
 def test_a_new_objective_is_one_registry_entry(monkeypatch, devices):
-  """The seam: an objective registered here (the pre-training loss scaled by a frozen, non-trained value
-  that its `frozen_state` builds and its loss reads) trains through train.setup with no other change."""
-  def frozen_state(config, mesh):
-    return {"scale": jax.device_put(np.float32(2.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
+  """The seam: an objective registered here (the pre-training loss of the policy minus that of its frozen
+  reference, under the same masks) trains through train.setup with no other change; the reference starts
+  as a copy of the initial parameters and stays as it was while the parameters move."""
+  pretrain = objectives.get("pretrain")
 
-  def loss(score_fn, batch, rng, *, diffusion: config_lib.DiffusionConfig, frozen):
-    out = objectives.get("pretrain").loss(score_fn, batch, rng, diffusion=diffusion, frozen=None)
-    return out._replace(loss=out.loss * frozen["scale"])
+  def loss(score_fn, batch, rng, *, config, reference):
+    policy = pretrain.loss(score_fn, batch, rng, config=config, reference=None)
+    frozen = pretrain.loss(reference, batch, rng, config=config, reference=None)
+    return policy._replace(loss=policy.loss - frozen.loss, metrics={"reference_loss": frozen.loss})
 
-  toy = dataclasses.replace(objectives.get("pretrain"), name="toy", loss=loss, frozen_state=frozen_state)
+  toy = dataclasses.replace(pretrain, name="toy", loss=loss, reference=True)
   monkeypatch.setitem(objectives._REGISTRY, "toy", toy)
   results = {}
   for name in ("pretrain", "toy"):
@@ -107,7 +110,15 @@ def test_a_new_objective_is_one_registry_entry(monkeypatch, devices):
     s = train.setup(cfg)
     assert s.objective is objectives.get(name)
     state = s.init(train.root_key(cfg))
+    start = jax.device_get(state.frozen)
     tokens = np.random.default_rng(0).integers(5, 100, (8, 16)).astype(np.int32)
-    _, history = train.run_steps(s, state, iter([{"tokens": tokens}]), 1)
-    results[name] = float(history[0]["loss"])
-  np.testing.assert_allclose(results["toy"], 2.0 * results["pretrain"], rtol=1e-6)
+    state, history = train.run_steps(s, state, iter([{"tokens": tokens}] * 2), 2)
+    results[name] = history[0]
+    if name == "toy":
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), start)
+      assert not np.array_equal(jax.device_get(state.params["embedding"]), start["embedding"])
+    else:
+      assert start is None and state.frozen is None
+  # at step 0 the reference is the policy: the toy loss is 0 and its metric is the pre-training loss
+  np.testing.assert_allclose(results["toy"]["loss"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(results["toy"]["reference_loss"], results["pretrain"]["loss"], rtol=1e-6)

@@ -3,10 +3,11 @@
 Pre-training: documents (text, or already tokenized ids) are tokenized, EOS-terminated, concatenated and
 cut into `seq_len` chunks (packing, as in the paper); the 1% random-length crop happens later, in the
 loss module. SFT: conversations become (history -> answer) pairs rendered with the chat template
-(llada_jax.data.sft). Each host reads its own shard (`jax.process_index()` of `jax.process_count()`)
-and yields `batch_size // process_count` rows, so the global batch is the per-host batch times the
-number of hosts. The iterator is a grain `DatasetIterator`: its state is saved in the same checkpoint
-step as the model, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+(llada_jax.data.sft). Preference optimisation: (prompt, chosen, rejected) records become two rows over
+one shared prompt (llada_jax.data.preference). Each host reads its own shard (`jax.process_index()` of
+`jax.process_count()`) and yields `batch_size // process_count` rows, so the global batch is the per-host
+batch times the number of hosts. The iterator is a grain `DatasetIterator`: its state is saved in the same
+checkpoint step as the model, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from llada_jax import files
 from llada_jax.config import Config, DataConfig
-from llada_jax.data import corpus, sft, sources, tokenizer as tokenizer_lib
+from llada_jax.data import corpus, preference, sft, sources, tokenizer as tokenizer_lib
 
 
 def host_batch_size(global_batch: int, process_count: int | None = None) -> int:
@@ -248,6 +249,70 @@ def sft_eval_batches(config: Config, tok, *, process_index: int | None = None,
     conversations = sft_conversations(dataclasses.replace(d, paths=d.eval_paths))
   ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
                        process_index=pi, process_count=pc)
+  return _first_batches(ds, t.eval_batches)
+
+
+def _preference_fields(cfg: DataConfig) -> dict[str, str]:
+  return dict(fmt=cfg.sft_format, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+              rejected_field=cfg.rejected_field)
+
+
+def preference_records(cfg: DataConfig) -> Sequence[dict]:
+  """Random-access preference records {'messages': history, 'chosen', 'rejected'}, from JSONL or the
+  built-in set (llada_jax.data.preference); JSONL pairs or custom field names are mapped on access."""
+  if cfg.source == "procedural":
+    return preference.generate_preferences(cfg.num_documents, cfg.corpus_seed, split="train")
+  if cfg.source != "jsonl":
+    raise ValueError(f"config field 'data.source'='{cfg.source}' is not a preference source; use 'jsonl' or "
+                     "'procedural' with diffusion.objective='vrpo' or 'ar_dpo'")
+  fields = _preference_fields(cfg)
+  records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
+                                 validate=functools.partial(preference.validate_record, **fields))
+  return _Mapped(records, functools.partial(preference.to_messages_record, **fields))
+
+
+def _preference_texts(records: Sequence[dict], limit: int) -> Iterator[str]:
+  for i in range(min(len(records), limit)):
+    r = records[i]
+    yield from (m["content"] for m in r["messages"])
+    yield r["chosen"]
+    yield r["rejected"]
+
+
+def preference_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+                             process_count: int | None = None) -> TrainingData:
+  """Preference optimisation (vrpo, ar_dpo): (prompt, chosen, rejected) in the chat template; fields
+  chosen, rejected, prompt_len, valid (llada_jax.data.preference.batch_pairs)."""
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  records = preference_records(d)
+  docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
+  sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
+                                      _preference_texts(records, d.tokenizer_train_docs))
+  tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
+      workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, _tokenizer_source(config)))
+  ds = preference.preference_dataset(records, tok, seq_len=t.seq_len, batch_size=batch, seed=d.shuffle_seed,
+                                     process_index=pi, process_count=pc)
+  prompts = []
+  for i in range(min(t.num_samples, len(records))):
+    history, _, _ = preference.to_pair(records[i])
+    prompts.append((history[-1]["content"], sft.render_prompt(history, tok)))
+  return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
+                      f"preference data: {len(records)} pairs ({d.source})", None, prompts)
+
+
+def preference_eval_batches(config: Config, tok, *, process_index: int | None = None,
+                            process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Held-out pairs: built-in ones ask only about held-out entities (preference.split_entities)."""
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  if d.source == "procedural":
+    records = preference.generate_preferences(_num_held_out(d), d.corpus_seed + 1, world_seed=d.corpus_seed,
+                                              split="heldout")
+  else:
+    records = preference_records(dataclasses.replace(d, paths=d.eval_paths))
+  ds = preference.preference_dataset(records, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
+                                     process_index=pi, process_count=pc)
   return _first_batches(ds, t.eval_batches)
 
 
