@@ -426,18 +426,18 @@ def _both(chosen_BL: jax.Array, rejected_BL: jax.Array, *rows: jax.Array) -> tup
   return (jnp.concatenate([chosen_BL, rejected_BL]),) + tuple(jnp.concatenate([r, r]) for r in rows)
 
 
-def vrpo_objective(score_fn: ScoreFn, reference_fn: ScoreFn, rng: jax.Array, *, chosen_BL: jax.Array,
-                   rejected_BL: jax.Array, prompt_len_B: jax.Array, valid_BL: jax.Array, mask_id: int,
-                   beta: float, n_time: int, n_mask: int = 1, antithetic: bool = True, estimator: str = "t",
-                   eps: float = 1e-3) -> LossOutput:
-  """VRPO (LLaDA 1.5): `dpo_loss` on ELBO estimates of the policy (`score_fn`) and the frozen reference.
+def vrpo_dpo(score_fn: ScoreFn, reference_fn: ScoreFn, rng: jax.Array, *, chosen_BL: jax.Array,
+             rejected_BL: jax.Array, prompt_len_B: jax.Array, valid_BL: jax.Array, mask_id: int, beta: float,
+             n_time: int, n_mask: int = 1, antithetic: bool = True, estimator: str = "t",
+             eps: float = 1e-3) -> tuple[DpoOutput, ElboDraws, TokenScores]:
+  """VRPO (LLaDA 1.5): `dpo_loss` on ELBO estimates of the policy (`score_fn`) and the frozen reference,
+  per pair; also the policy's draws and token scores.
 
   Each of the 2B responses (rows [prompt, response, EOS...], both responses of a pair EOS-padded to the
   batch's common length by `valid_BL`) gets S = n_time * n_mask samples (`elbo_draws`). With
   `antithetic` the reference scores the very noisy inputs the policy scores, so the two estimates' noise
   cancels in their difference (for identical models the margin is exactly 0); without, it draws its own.
   Naive DPO-on-ELBO is n_time = n_mask = 1, antithetic=False. The reference is never differentiated.
-  num_masked / num_correct count the policy's masked tokens; `metrics` are `preference_metrics`.
   """
   B, L = chosen_BL.shape
   tokens_NL, prompt_N, valid_NL = _both(chosen_BL, rejected_BL, prompt_len_B, valid_BL.astype(bool))
@@ -452,7 +452,14 @@ def vrpo_objective(score_fn: ScoreFn, reference_fn: ScoreFn, rng: jax.Array, *, 
   reference_N = jax.lax.stop_gradient(reference_N)
   out = dpo_loss(policy_chosen_B=policy_N[:B], policy_rejected_B=policy_N[B:], reference_chosen_B=reference_N[:B],
                  reference_rejected_B=reference_N[B:], beta=beta)
-  counted_NL = draws.masked_BSL.reshape(-1, L)
+  return out, draws, scores
+
+
+def vrpo_objective(score_fn: ScoreFn, reference_fn: ScoreFn, rng: jax.Array, **kwargs) -> LossOutput:
+  """`vrpo_dpo` (same arguments) as a training loss: the mean DPO loss; num_masked / num_correct count
+  the policy's masked tokens; `metrics` are `preference_metrics`."""
+  out, draws, scores = vrpo_dpo(score_fn, reference_fn, rng, **kwargs)
+  counted_NL = draws.masked_BSL.reshape(-1, draws.masked_BSL.shape[-1])
   return LossOutput(out.loss, counted_NL.sum(), (scores.correct_BL & counted_NL).sum(), preference_metrics(out))
 
 
