@@ -43,6 +43,21 @@ def _as_dict(state: Any) -> Any:
   return state
 
 
+def _stored(state: Any) -> Any:
+  """What a step stores of a state: its fields as a dict, leaving out fields that are None (a train
+  state without a frozen reference has the layout of the states written before that field existed)."""
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {k: v for k, v in _as_dict(state).items() if v is not None}
+  return state
+
+
+def _rebuilt(abstract: Any, stored: Any) -> Any:
+  """The state `_stored` turned into a dict, back in `abstract`'s type."""
+  if dataclasses.is_dataclass(abstract) and not isinstance(abstract, type):
+    return dataclasses.replace(abstract, **stored)
+  return stored
+
+
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   """Each element's row-major position (mod 2^32), built from iotas: no reshape, so a sharded array
   is never gathered to compute it."""
@@ -153,7 +168,7 @@ class Checkpointer:
            config: dict[str, Any], force: bool = False) -> bool:
     """Starts writing `step` (asynchronously unless async_save=False). An error of this or the previous
     save (they surface here, or in `wait`) raises errors.RunHalted: the steps already complete stay."""
-    items = {"state": self._state_save(state), "config": ocp.args.JsonSave(config),
+    items = {"state": self._state_save(_stored(state)), "config": ocp.args.JsonSave(config),
              "integrity": ocp.args.JsonSave({"checksums": checksums(state), "shapes": _shapes(state)})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -197,10 +212,10 @@ class Checkpointer:
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
                               f"(available: {self.all_steps() or 'none'})")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.StandardRestore(_stored(abstract_state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._restore_checked(step, abstract_state, items)["state"]
+    return _rebuilt(abstract_state, self._restore_checked(step, abstract_state, items)["state"])
 
   def _restore_checked(self, step: int, abstract: Any, items: dict[str, Any]) -> Any:
     """Restores `items` of `step`. The arrays' names and shapes are compared with `abstract` first (a

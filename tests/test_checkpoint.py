@@ -112,3 +112,33 @@ def test_sigterm_during_startup_saves_the_first_step_and_the_run_resumes(tmp_pat
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from step {saved}" in resumed.stdout
   assert f"done: step {saved + 2}," in resumed.stdout
+
+
+def test_a_state_saved_before_the_frozen_field_still_restores(tmp_path, devices):
+  """Steps written by a TrainState of four fields (before `frozen`, the preference objectives' reference)
+  restore into today's TrainState: a state whose `frozen` is None stores exactly those four fields."""
+  import flax.struct
+
+  @flax.struct.dataclass
+  class FourFieldState:  # TrainState as it was
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    rng: jax.Array
+
+  cfg = tiny_config()
+  s = train.setup(cfg)
+  state = s.init(train.root_key(cfg))
+  assert state.frozen is None
+  old = FourFieldState(state.step, state.params, state.opt_state, state.rng)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, old, data_iterator=None, config=cfg.to_dict())
+  ckpt.save(2, state, data_iterator=None, config=cfg.to_dict())
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "1" / "state")) == sorted(
+      os.listdir(tmp_path / "checkpoints" / "2" / "state"))
+  for step in (1, 2):
+    restored = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).restore(step, s.abstract_state)
+    assert isinstance(restored, train.TrainState) and restored.frozen is None
+    for a, b in zip(_leaves(state), _leaves(restored)):
+      np.testing.assert_array_equal(a, b)
