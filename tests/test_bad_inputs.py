@@ -149,6 +149,15 @@ CASES = [
          ("llada-train", SFT_TINY, RUN, "--config.data.source=jsonl", "--config.data.sft_format=pairs",
           "--config.data.paths=('{DATA}/no_response.jsonl',)"),
          "{DATA}/no_response.jsonl:1: field 'response'", "missing or not a string"),
+    Case("data_preference_same_responses", "data file",
+         (*TRAIN, "--config.diffusion.objective=vrpo", "--config.data.source=jsonl", "--config.data.sft_format=pairs",
+          "--config.data.paths=('{DATA}/same_responses.jsonl',)"),
+         "{DATA}/same_responses.jsonl:1: fields 'chosen' and 'rejected' hold the same response",
+         "a pair must differ"),
+    Case("data_preference_without_rejected", "data file",
+         (*TRAIN, "--config.diffusion.objective=vrpo", "--config.data.source=jsonl", "--config.data.sft_format=pairs",
+          "--config.data.paths=('{DATA}/no_rejected.jsonl',)"),
+         "{DATA}/no_rejected.jsonl:1: no field 'rejected'", "the record has ['chosen', 'prompt']"),
     # Prompts and generation lengths (llada-sample on the trained workdir).
     Case("prompt_none", "prompt", SAMPLE, "give a prompt", "--prompt, --prompt_file or --prompt_ids"),
     Case("prompt_file_only_empty_lines", "prompt", (*SAMPLE, "--prompt_file={DATA}/blank.txt"),
@@ -292,6 +301,8 @@ def write_inputs(root: str) -> dict[str, str]:
   _write(f"{data}/bad_utf8.txt", b"the quiet cat sees the old dog\nthe red king\nwalks \xff near\nthe river\n" * 20)
   _write(f"{data}/no_answer.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
   _write(f"{data}/no_response.jsonl", json.dumps({"prompt": "hi"}) + "\n")
+  _write(f"{data}/same_responses.jsonl", json.dumps({"prompt": "hi", "chosen": "hello", "rejected": " hello "}) + "\n")
+  _write(f"{data}/no_rejected.jsonl", json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
   _write(f"{data}/blank.txt", "\n   \n\n")
   _write(f"{data}/long_prompt.txt", "the cat " * 3000 + "\n")
   _write(f"{data}/bad.model", b"not a sentencepiece model")
