@@ -8,7 +8,8 @@
 Held-out pairs ask about entities no training pair mentions (`data.preference.split_entities`). For
 each model: the share of pairs whose chosen response has the higher likelihood bound (the l-based
 estimator, `--mc_num` samples, a fixed seed: the same masks for both models), the mean log-likelihood
-gap, and the share of greedy answers that state the preferred fact / use the requested format; overall
+gap, and the share of greedy answers that state the true fact (fact pairs) or take the requested
+form (format pairs: as many words as asked for, whatever the value); overall
 and per kind.
 """
 

@@ -319,3 +319,53 @@ def test_ar_dpo_trains_the_causal_baseline_against_its_reference(devices):
   assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["reward_margin"] > 0
   for a, b in zip(start, _leaves(state.frozen)):
     np.testing.assert_array_equal(a, b)
+
+
+def _benchmark(script, *args):
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=repo, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return [[c.strip() for c in l.strip("|").split("|")] for l in r.stdout.splitlines() if l.startswith("| ")]
+
+
+def test_variance_benchmark_with_the_policy_as_its_own_reference(sft_workdir):
+  """benchmarks/vrpo_variance.py end to end; with identical policy and reference, antithetic sharing makes
+  every preference score exactly 0 (std 0), while independent draws scatter it."""
+  rows = _benchmark("vrpo_variance.py", f"--policy={sft_workdir}", f"--reference={sft_workdir}", "--pairs=2",
+                    "--seeds=3", "--budget=2")
+  table = {r[0]: r for r in rows[1:]}
+  assert list(table) == ["naive", "budget", "budget + allocation", "VRPO (+ antithetic)"]
+  assert float(table["VRPO (+ antithetic)"][3]) == 0.0 and float(table["VRPO (+ antithetic)"][4]) == 0.0
+  assert float(table["naive"][3]) > 0.0
+
+
+def test_demo_benchmark_reports_both_models(sft_workdir):
+  rows = _benchmark("vrpo_demo.py", f"--before={sft_workdir}", f"--after={sft_workdir}", "--pairs=4",
+                    "--mc_num=16", "--gen_length=4")
+  before = [r[1:] for r in rows[1:] if r[0] == "before (SFT)"]
+  after = [r[1:] for r in rows[1:] if r[0] == "after (VRPO)"]
+  assert before and before == after  # one model twice: the same masks and greedy answers, the same numbers
+  assert [r[0] for r in before][0] == "all" and sum(int(r[1]) for r in before[1:]) == 4
+
+
+@pytest.mark.parametrize("name, arg", [("vrpo_demo", None), ("vrpo_jsonl", "demo"), ("vrpo_jsonl", "llada_8b"),
+                                       ("vrpo_llada_8b", None)])
+def test_vrpo_config_files_validate(name, arg):
+  import importlib
+  module = importlib.import_module(f"llada_jax.configs.{name}")
+  cfg = config_lib.from_config_dict(module.get_config(arg) if arg else module.get_config())
+  assert cfg.diffusion.objective == "vrpo" and not cfg.model.causal and cfg.model.chat
+  assert cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_steps == max(1, cfg.train.num_steps // 10)
+  assert cfg.preference.antithetic and cfg.preference.n_mask == 1
+  if name == "vrpo_demo":
+    assert cfg.train.init_from == "/tmp/llada_demo_sft" and cfg.data.source == "procedural"
+  else:
+    assert cfg.data.source == "jsonl" and cfg.data.sft_format == "pairs"
+  if name == "vrpo_llada_8b":
+    assert cfg.preference.budget == 8 and cfg.preference.beta == 0.1 and cfg.diffusion.mask_token_id == 126336
+    assert (cfg.train.batch_size // cfg.train.grad_accum_steps) % 8 == 0  # one pair per device on 8 GPUs

@@ -252,6 +252,10 @@ def test_prefers_on_hand_written_answers():
   assert not preference.prefers(fact, "42, or maybe 17")  # states the wrong value too
   fmt = {**fact, "kind": "format", "chosen": "42.", "rejected": "Kalo is 42 years old.", "target": "42."}
   assert preference.prefers(fmt, " 42.") and not preference.prefers(fmt, "42. Kalo is 42.")
+  assert preference.prefers(fmt, "17.") and preference.prefers(fmt, "17")  # the form, whatever the value
+  assert not preference.prefers(fmt, "") and not preference.prefers(fmt, ".")
+  two = {**fmt, "chosen": "red cat.", "target": "red cat."}
+  assert preference.prefers(two, "old dog.") and not preference.prefers(two, "dog.")
   with pytest.raises(ValueError, match="kind"):
     preference.prefers(HAND[0], "x")
 

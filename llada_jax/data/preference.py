@@ -344,11 +344,14 @@ def prefers(record: dict, answer: str) -> bool:
 
   fact: the answer states the true value (record["target"], as whole words, case-insensitive) and not
   the wrong value of the rejected response; so "Kalo is 42 years old." and "42" pass, "Kalo is 17 years
-  old." and "42, or maybe 17" fail. format: the answer is exactly the chosen one ("42."), ignoring case
-  and surrounding whitespace; the full sentence fails.
+  old." and "42, or maybe 17" fail. format: the answer has the requested form, as many words as the
+  chosen one ("42." one, "red cat." two; a final "." allowed), whatever the value: the preference these
+  pairs teach is the form (both responses state the true value); the full sentence fails, and so does
+  an empty answer. Whether the value is also right is what the fact pairs check.
   """
   if record.get("kind") == "format":
-    return answer.strip().lower() == record["chosen"].strip().lower()
+    words = lambda text: text.strip().rstrip(".").split()
+    return bool(words(answer)) and len(words(answer)) == len(words(record["chosen"]))
   if record.get("kind") != "fact":
     raise ValueError(f"prefers() needs a record of generate_preferences (kind 'fact' or 'format'); got "
                      f"kind {record.get('kind')!r}")
