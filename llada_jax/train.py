@@ -82,8 +82,9 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array,
   return out.loss, out
 
 
-def _metric_sums(out: diffusion.LossOutput) -> dict[str, jax.Array]:
-  return {"loss": out.loss, "num_masked": out.num_masked, "num_correct": out.num_correct, **(out.metrics or {})}
+def _metric_sums(loss: jax.Array, out: diffusion.LossOutput) -> dict[str, jax.Array]:
+  # `loss` is the value that was differentiated (the one the non-finite check reads), not a copy of it.
+  return {"loss": loss, "num_masked": out.num_masked, "num_correct": out.num_correct, **(out.metrics or {})}
 
 
 def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -96,21 +97,21 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
     grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, state.frozen), has_aux=True)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
-      (_, out), grads = grad_fn(state.params, batch, step_rng)
-      sums = _metric_sums(out)
+      (loss, out), grads = grad_fn(state.params, batch, step_rng)
+      sums = _metric_sums(loss, out)
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
       def body(carry, xs):
         i, mb = xs
-        (_, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        (l, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
         acc_g, acc_m = carry
-        return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, _metric_sums(o))), None
+        return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, _metric_sums(l, o))), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(lambda: _metric_sums(_loss(config, graphdef, state.params, first, step_rng,
-                                                         state.frozen)[1]))
+      shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, state.params, first, step_rng,
+                                                          state.frozen)))
       zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)

@@ -72,7 +72,7 @@ CASES = [
     Case("config_seq_len_over_max", "config value", (*TRAIN, "--config.train.seq_len=8192"),
          "'train.seq_len'", "at most model.max_seq_len=4096"),
     Case("config_causal_without_ar", "config value", (*TRAIN, "--config.model.causal=True"),
-         "'model.causal'", "False for diffusion.objective='pretrain' (causal objectives: ['ar'])"),
+         "'model.causal'", "False for diffusion.objective='pretrain' (causal objectives: ['ar', 'ar_dpo'])"),
     Case("config_schedule_longer_than_run", "config value", (*TRAIN, "--config.optim.warmup_steps=30"),
          "'optim.warmup_steps'", "warmup+stage2+decay steps <= train.num_steps=20"),
     Case("config_grad_accum_not_divisor", "config value", (*TRAIN, "--config.train.grad_accum_steps=3"),
