@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from llada_jax import errors, files
+from llada_jax import errors, files, hosts
 
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_corrupt"
@@ -286,8 +285,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"llada_jax quarantine {step}")
+    hosts.barrier(f"quarantine {step}")
     self._manager.reload()
     return target
 

@@ -30,10 +30,8 @@ import uuid
 from typing import Any, Iterator
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-from llada_jax import files
+from llada_jax import files, hosts
 
 LOCK_FILE = "lock.json"
 _TRIES = 5  # create attempts (each after removing a stale lock) before giving up
@@ -114,12 +112,11 @@ class WorkdirLock:
         self._take()
       except Exception as e:  # noqa: BLE001  (handed to the other processes first)
         error = e
-    if jax.process_count() > 1:
-      taken = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-      if error is None and not taken:
-        raise WorkdirInUse(f"process 0 could not take the workdir lock {self.path} (see its error)")
+    taken = hosts.process_0_says("workdir lock taken", error is None)  # every process asks, always
     if error is not None:
       raise error
+    if not taken:
+      raise WorkdirInUse(f"process 0 could not take the workdir lock {self.path} (see its error)")
 
   def release(self) -> None:
     if not self._held:

@@ -7,7 +7,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from llada_jax import errors
+from llada_jax import errors, hosts
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks and INFO logs.")
 DISTRIBUTED = flags.DEFINE_enum(
@@ -56,6 +56,7 @@ def maybe_initialize_distributed() -> None:
     raise ValueError(f"--process_id={given['process_id']} must be in [0, --num_processes="
                      f"{given['num_processes']})")
   jax.distributed.initialize(**given)  # CPU processes (tests, laptops) talk over gloo, JAX's default
+  hosts.use_for_checkpoints()
 
 
 def fake_cpu_devices(n: int) -> None:

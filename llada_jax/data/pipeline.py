@@ -21,10 +21,9 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import jax
 from absl import flags
-from jax.experimental import multihost_utils
 import numpy as np
 
-from llada_jax import files
+from llada_jax import files, hosts
 from llada_jax.config import Config, DataConfig
 from llada_jax.data import corpus, preference, sft, sources, tokenizer as tokenizer_lib
 
@@ -193,7 +192,7 @@ def _shared_tokenizer(make: Callable[[], Any]) -> Any:
   if jax.process_count() == 1:
     return make()
   tok = make() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("llada_jax: workdir tokenizer written")
+  hosts.barrier("workdir tokenizer written")
   return tok if tok is not None else make()
 
 
