@@ -6,9 +6,11 @@ the offending thing (field, flag, path, tensor) and, where the message can, says
 allowed; no traceback. `--verbose` shows the traceback instead (VERBOSE_CASES). docs/errors.md lists
 every case with the line it prints; `test_doc_lists_every_case` keeps the two in step.
 
-CI has 2 cores and each command start costs ~2 s, so the cases do not run one by one: a module fixture
-writes the inputs, trains ONE tiny workdir (2 steps) and runs every command, 3 at a time; each test
-only reads its case's result.
+CI has 2 cores and each command start costs ~4 s of imports, so the cases do not run one by one as fresh
+interpreters: a module fixture writes the inputs, trains ONE tiny workdir (2 steps) and runs every
+command, 3 at a time, each in a child forked from a Python that has imported the library already
+(tests/cli_forks.py: the command's own `python -m` path, minus the interpreter start); each test only
+reads its case's result. tests/test_cli.py and the other CLI tests start real interpreters.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
 
+import cli_forks
 from hf_fixtures import edit_json, write_hf_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,10 +371,10 @@ def damaged_workdirs(root: str, workdir: str) -> dict[str, str]:
   return out
 
 
-def run(argv: tuple[str, ...], paths: dict[str, str], case_id: str = "") -> subprocess.CompletedProcess:
+def run(forks: cli_forks.Forks, argv: tuple[str, ...], paths: dict[str, str],
+        case_id: str = "") -> subprocess.CompletedProcess:
   args = [fill(a, paths | {"CASE": case_id}) for a in argv[1:]]
-  return subprocess.run([sys.executable, "-m", MODULES[argv[0]], *args], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=600)
+  return forks.run(MODULES[argv[0]], args, timeout=600)
 
 
 def _needs_workdir(case: Case) -> bool:
@@ -386,15 +388,16 @@ def run_catalogue(root: str, cases=CASES + VERBOSE_CASES) -> tuple[dict[str, str
   paths["W"] = os.path.join(root, "workdir")
   train = ("llada-train", TINY, "--workdir={W}", f"--config.train.num_steps={STEP}",
            "--config.optim.warmup_steps=1", "--config.train.num_samples=0", "--config.data.num_documents=50")
-  with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-    trained = pool.submit(run, train, paths)
-    futures = {c.id: pool.submit(run, c.argv, paths, c.id) for c in cases if not _needs_workdir(c)}
+  forks = cli_forks.Forks(WORKERS, env=ENV, cwd=REPO)
+  with forks, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+    trained = pool.submit(run, forks, train, paths)
+    futures = {c.id: pool.submit(run, forks, c.argv, paths, c.id) for c in cases if not _needs_workdir(c)}
     r = trained.result()
     if r.returncode != 0:
       pool.shutdown(cancel_futures=True)
       pytest.fail(f"training the shared workdir failed:\n{r.stderr[-3000:]}")
     paths.update(damaged_workdirs(root, paths["W"]))
-    futures |= {c.id: pool.submit(run, c.argv, paths, c.id) for c in cases if _needs_workdir(c)}
+    futures |= {c.id: pool.submit(run, forks, c.argv, paths, c.id) for c in cases if _needs_workdir(c)}
     return paths, {k: f.result() for k, f in futures.items()}
 
 
