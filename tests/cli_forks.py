@@ -4,18 +4,19 @@ already imported jax, flax, orbax, grain and the library, so that a command cost
 
 A child is the command as a user runs it, minus the interpreter start: it gets the arguments in
 `sys.argv`, runs the module as `__main__` (`runpy`, as `python -m` does), writes to its own stdout and
-stderr files, reads /dev/null, and exits through the interpreter's usual path (an uncaught exception
+stderr files, reads its stdin from a file (or /dev/null), and exits through the interpreter's usual path (an uncaught exception
 prints its traceback and gives status 1; atexit handlers run). JAX's backends are never started in the
 parent, so every child starts its own. Only the CLI modules are imported in the child: they define
 absl flags at import, which one process may do once.
 
-Used as a client: `Forks(n, env=..., cwd=...)` starts n servers; `.run(module, args, timeout)` returns a
-subprocess.CompletedProcess. Run as a script, this file is one server: one JSON request per stdin line,
+Used as a client: `Forks(n, env=..., cwd=...)` starts n servers (`shared()`: one per test process);
+`.run(module, args, timeout, stdin)` returns a subprocess.CompletedProcess. Run as a script, this file is one server: one JSON request per stdin line,
 answered with the child's pid, then its exit status.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -44,8 +45,7 @@ def _serve() -> None:
 
 def _child(request: dict) -> None:
   import runpy
-  null = os.open(os.devnull, os.O_RDONLY)
-  os.dup2(null, 0)
+  os.dup2(os.open(request.get("stdin") or os.devnull, os.O_RDONLY), 0)
   sys.stdin = open(0, encoding="utf-8", closefd=False)
   for fd, name in ((1, "stdout"), (2, "stderr")):
     os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
@@ -69,10 +69,15 @@ class _Server:
       raise RuntimeError(f"the fork server exited with status {self.proc.wait()}")
     return json.loads(line)
 
-  def run(self, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+  def run(self, module: str, args: list[str], timeout: float, stdin: str | None) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as tmp:
-      out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-      self.proc.stdin.write(json.dumps({"module": module, "args": args, "stdout": out, "stderr": err}) + "\n")
+      out, err, inp = (os.path.join(tmp, name) for name in ("stdout", "stderr", "stdin"))
+      if stdin is not None:
+        with open(inp, "w", encoding="utf-8") as f:
+          f.write(stdin)
+      request = {"module": module, "args": args, "stdout": out, "stderr": err,
+                 "stdin": inp if stdin is not None else None}
+      self.proc.stdin.write(json.dumps(request) + "\n")
       self.proc.stdin.flush()
       pid = self._answer(None)["pid"]
       try:
@@ -98,10 +103,12 @@ class Forks:
     for server in self._all:
       self._free.put(server)
 
-  def run(self, module: str, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+  def run(self, module: str, args: list[str], timeout: float = 600,
+          stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m module *args` (stdin: the text it reads) -> CompletedProcess (text stdout, stderr)."""
     server = self._free.get()
     try:
-      return server.run(module, args, timeout)
+      return server.run(module, [str(a) for a in args], timeout, stdin)
     finally:
       self._free.put(server)
 
@@ -114,6 +121,19 @@ class Forks:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+_shared: Forks | None = None
+
+
+def shared() -> Forks:
+  """One server for this test process, started on first use with its environment and working directory
+  (for CLI tests that would start `sys.executable -m ...` with the inherited ones)."""
+  global _shared
+  if _shared is None:
+    _shared = Forks(1, env=dict(os.environ), cwd=os.getcwd())
+    atexit.register(_shared.close)
+  return _shared
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import cli_forks
 from conftest import tiny_config
 from llada_jax import config as config_lib, objectives, serving, train
 from llada_jax.configs import default
@@ -71,8 +70,7 @@ def test_sft_from_a_folder_without_tokenizer_fails_clearly(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "llada_jax.cli.train", *args], capture_output=True,
-                        text=True, timeout=600)
+  return cli_forks.shared().run("llada_jax.cli.train", args)
 
 
 def test_user_files_pretrain_then_jsonl_sft_with_two_config_files(tmp_path):

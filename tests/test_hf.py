@@ -3,8 +3,6 @@ here with safetensors/numpy, imported, run, exported, and broken on purpose."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
@@ -13,6 +11,7 @@ import pytest
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
+import cli_forks
 from hf_fixtures import D, HEADS, LAYERS, VOCAB, edit_json, write_hf_dir
 from llada_jax import evaluate, harness, hf, model as model_lib, serving
 from llada_jax.data import sft
@@ -116,8 +115,7 @@ def test_import_then_export_is_bit_exact(tmp_path, dtype, devices):
 
 
 def _cli(module, *args):
-  return subprocess.run([sys.executable, "-m", f"llada_jax.cli.{module}", *args], capture_output=True,
-                        text=True, timeout=600, cwd=REPO)
+  return cli_forks.shared().run(f"llada_jax.cli.{module}", args)
 
 
 @pytest.fixture(scope="module")

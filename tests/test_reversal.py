@@ -1,14 +1,13 @@
 """Infilling (`sampling.infill`) and the reversal experiment (`llada_jax.reversal`, `llada-reversal`)."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cli_forks
 from conftest import tiny_config
 from llada_jax import model, reversal, sampling
 
@@ -152,8 +151,7 @@ def test_experiment_end_to_end(experiment):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "llada_jax.cli.reversal", *args], capture_output=True,
-                        text=True, timeout=600)
+  return cli_forks.shared().run("llada_jax.cli.reversal", args)
 
 
 def test_cli_evaluates_given_workdirs_on_a_pairs_file(experiment, tmp_path):

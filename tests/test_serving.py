@@ -2,11 +2,10 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+import cli_forks
 from llada_jax import serving, visualize
 
 
@@ -17,8 +16,7 @@ def workdirs(pretrained_workdir, sft_workdir):
 
 
 def _run(module, *args, stdin=None):
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        input=stdin, timeout=600)
+  return cli_forks.shared().run(module, args, stdin=stdin)
 
 
 def test_load_and_complete_in_process(workdirs):

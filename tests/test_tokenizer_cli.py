@@ -1,14 +1,11 @@
 """`llada-tokenizer`: train on the user's files, inspect, and fail clearly."""
 
-import subprocess
-import sys
-
+import cli_forks
 from llada_jax.data import corpus, tokenizer
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "llada_jax.cli.tokenizer", *args], capture_output=True,
-                        text=True, timeout=300)
+  return cli_forks.shared().run("llada_jax.cli.tokenizer", args, timeout=300)
 
 
 def test_train_encode_decode_round_trip(tmp_path):
