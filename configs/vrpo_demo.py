@@ -3,7 +3,7 @@
   llada-train --config=configs/demo.py --workdir=/tmp/llada_demo              # pre-train
   llada-train --config=configs/sft_demo.py --workdir=/tmp/llada_demo_sft      # SFT from it
   llada-train --config=configs/vrpo_demo.py --workdir=/tmp/llada_demo_vrpo    # VRPO from the SFT model
-  llada-evaluate --preferences --checkpoint=/tmp/llada_demo_vrpo ...          # held-out accuracy (BENCHMARKS.md)
+  python benchmarks/vrpo_demo.py --before=/tmp/llada_demo_sft --after=/tmp/llada_demo_vrpo  # held-out check
 
 The pairs ask about the corpus world: the true fact is preferred over a wrong one, and a one-word answer
 over a full sentence where the question asks for one word. Held-out pairs ask about entities no training
