@@ -3,7 +3,7 @@
 Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b (model
 shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
 `configs/pretrain_text.py`, ...). `sft(c)` turns a preset into its SFT counterpart, `preference(c)` into
-its VRPO / exact-DPO one. Override any field on the command line:
+its VRPO / exact-DPO one, `lora(c, ...)` trains adapters instead of every parameter. Override any field on the command line:
 `--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
 """
 
@@ -56,6 +56,16 @@ def base() -> ml_collections.ConfigDict:
   pr.antithetic = True       # policy and reference share the timesteps and masks of each estimate
   pr.estimator = "t"         # t: p ~ U(eps, 1), each token masked w.p. p, weight 1/p (REFERENCE §2, §9);
                              # l: exactly l of L tokens masked, weight L/l (§5, lower variance)
+
+  c.lora = lo = ml_collections.ConfigDict()  # LoRA fine-tuning (REFERENCE §11); any objective
+  lo.rank = 0                # adapter rank; 0: off (every parameter trains). >0 freezes train.init_from's
+                             # parameters (the base) and trains only the adapters
+  lo.alpha = 32.0            # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+  lo.dropout = 0.0           # dropout on an adapter's input while training
+  lo.targets = ("q_proj", "k_proj", "v_proj", "ff_up")  # projections that get adapters, from q_proj k_proj
+                             # v_proj attn_out ff_gate ff_up ff_down (d1's four that LLaDA has)
+  lo.rslora = False          # rank-stabilised scaling alpha / sqrt(rank)
+  lo.base_dtype = ""         # dtype of the frozen base weights ("" = model.param_dtype; "bfloat16" halves them)
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 4e-4           # learning rate after warmup
@@ -148,6 +158,15 @@ def preference(c: ml_collections.ConfigDict, init_from: str = "", objective: str
   c.model.causal = objective == "ar_dpo"
   c.train.init_from = init_from
   c.optim.update(warmup_steps=max(1, c.train.num_steps // 10), stage2_steps=0, decay_steps=0, weight_decay=0.0)
+  return c
+
+
+def lora(c: ml_collections.ConfigDict, rank: int, alpha: float, peak_lr: float,
+         targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "ff_up")) -> ml_collections.ConfigDict:
+  """LoRA on top of a fine-tuning config (REFERENCE §11): the base (`train.init_from`) frozen, adapters of
+  `rank` on `targets` trained at `peak_lr` (adapters train at larger rates than full fine-tuning)."""
+  c.lora.update(rank=rank, alpha=alpha, targets=targets)
+  c.optim.peak_lr = peak_lr
   return c
 
 

@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_PY = ROOT / "configs" / "default.py"
 CONFIG_PY = ROOT / "llada_jax" / "config.py"
 OUTPUT = ROOT / "docs" / "config.md"
-SECTIONS = ("model", "diffusion", "optim", "data", "mesh", "train")
+SECTIONS = ("model", "diffusion", "preference", "lora", "optim", "data", "mesh", "train")
 
 
 def _load(path: pathlib.Path, name: str) -> Any:
@@ -146,6 +146,8 @@ def build() -> tuple[str, list[str]]:
   base = _flatten(default.base(), list(meanings))
   problems = [f"{name}: set in configs/default.py base() without a trailing # comment" for name in uncommented]
   classes = config._SECTION_TYPES  # pylint: disable=protected-access
+  if set(classes) != set(SECTIONS):
+    problems.append(f"the sections of llada_jax/config.py {sorted(classes)} are not SECTIONS here {sorted(SECTIONS)}")
   declared = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(classes[s])]
   problems += [f"{name}: a field of {classes[name.split('.')[0]].__name__} (llada_jax/config.py) that "
                "configs/default.py base() does not set (with a comment)" for name in declared if name not in base]

@@ -15,6 +15,7 @@ write (a full disk, say) raises `errors.RunHalted` naming the step and the last 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any, Callable
@@ -35,25 +36,26 @@ class CorruptCheckpoint(ValueError):
   """A step whose files are missing, unreadable or no longer match their checksums."""
 
 
-def _as_dict(state: Any) -> Any:
-  """TrainState -> {field: value}, so a state and a params-only {'params': ...} tree share leaf names."""
-  if dataclasses.is_dataclass(state) and not isinstance(state, type):
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-  return state
+def _kept(state: Any) -> list[str]:
+  """A dataclass state's fields that checkpoints hold: all but those whose metadata says
+  `checkpoint: False` (e.g. frozen LoRA base weights, which are reloaded from their own checkpoint)."""
+  return [f.name for f in dataclasses.fields(state) if f.metadata.get("checkpoint", True)]
 
 
 def _stored(state: Any) -> Any:
-  """What a step stores of a state: its fields as a dict, leaving out fields that are None (a train
-  state without a frozen reference has the layout of the states written before that field existed)."""
+  """What a step stores of a state: its checkpointed fields as a dict, leaving out fields that are None
+  (a train state without a frozen reference has the layout of the states written before that field
+  existed)."""
   if dataclasses.is_dataclass(state) and not isinstance(state, type):
-    return {k: v for k, v in _as_dict(state).items() if v is not None}
+    return {k: getattr(state, k) for k in _kept(state) if getattr(state, k) is not None}
   return state
 
 
 def _rebuilt(abstract: Any, stored: Any) -> Any:
-  """The state `_stored` turned into a dict, back in `abstract`'s type."""
+  """The state `_stored` turned into a dict, back in `abstract`'s type (fields not checkpointed: None)."""
   if dataclasses.is_dataclass(abstract) and not isinstance(abstract, type):
-    return dataclasses.replace(abstract, **stored)
+    skipped = {f.name: None for f in dataclasses.fields(abstract) if f.name not in _kept(abstract)}
+    return dataclasses.replace(abstract, **skipped, **stored)
   return stored
 
 
@@ -82,14 +84,14 @@ def checksums(state: Any) -> dict[str, list]:
   """{leaf name: [dtype, sum of the raw bits, position-weighted sum]}, both sums mod 2^32.
 
   Any single changed bit changes the first sum; swapped or shifted words change the second."""
-  named = jax.tree_util.tree_flatten_with_path(_as_dict(state))[0]
+  named = jax.tree_util.tree_flatten_with_path(_stored(state))[0]
   sums = jax.device_get(_leaf_sums([x for _, x in named]))
   return {jax.tree_util.keystr(path): [str(x.dtype), int(s[0]), int(s[1])]
           for (path, x), s in zip(named, sums)}
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
-  named = jax.tree_util.tree_flatten_with_path(_as_dict(tree))[0]
+  named = jax.tree_util.tree_flatten_with_path(_stored(tree))[0]
   return {jax.tree_util.keystr(path): list(x.shape) for path, x in named}
 
 
@@ -164,11 +166,16 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, *, data_iterator: grain.DatasetIterator | None,
-           config: dict[str, Any], force: bool = False) -> bool:
+           config: dict[str, Any], force: bool = False, base: dict[str, Any] | None = None) -> bool:
     """Starts writing `step` (asynchronously unless async_save=False). An error of this or the previous
-    save (they surface here, or in `wait`) raises errors.RunHalted: the steps already complete stay."""
+    save (they surface here, or in `wait`) raises errors.RunHalted: the steps already complete stay.
+    `base`: what the state depends on but does not hold (a LoRA run's base checkpoint: path, step and
+    `fingerprint`), kept with the checksums and read back by `base_record`."""
+    record = {"checksums": checksums(state), "shapes": _shapes(state)}
+    if base is not None:
+      record["base"] = base
     items = {"state": self._state_save(_stored(state)), "config": ocp.args.JsonSave(config),
-             "integrity": ocp.args.JsonSave({"checksums": checksums(state), "shapes": _shapes(state)})}
+             "integrity": ocp.args.JsonSave(record)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.wait()  # the previous write's error belongs to that step (Orbax would wait here anyway)
@@ -299,6 +306,22 @@ class Checkpointer:
                                   partial_restore=True)
     return self._restore_checked(step, item, {"state": args})["state"]["params"]
 
+  def base_record(self, step: int) -> dict[str, Any] | None:
+    """The `base` a step was saved with (see `save`), or None."""
+    record = self._integrity(step, f"checkpoint step {step} at {self.directory / str(step)}")
+    return None if record is None else record.get("base")
+
+  def fingerprint(self, step: int) -> str:
+    """A short hash identifying the parameters of `step`, of the checksums and shapes its integrity
+    record holds for them (nothing else is read)."""
+    where = f"checkpoint step {step} at {self.directory / str(step)}"
+    record = self._integrity(step, where)
+    if record is None:
+      raise ValueError(f"{where} was written before checkpoints carried checksums, so it cannot anchor LoRA "
+                       "adapters; save it again (e.g. a 0-step run with train.init_from pointing at it)")
+    entries = {k: [v, record["shapes"].get(k)] for k, v in record["checksums"].items() if k.startswith("['params']")}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+
   def restore_config(self, step: int) -> dict[str, Any]:
     path = self.directory / str(step) / "config" / "metadata"
     if not path.exists():
@@ -322,6 +345,37 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def restore_base(path: str, abstract_params: Any, *, expected: dict[str, Any] | None = None, label: str = "",
+                 check_config: Callable[[dict[str, Any], epath.Path], None] | None = None
+                 ) -> tuple[Any, dict[str, Any]]:
+  """The parameters of a base model a LoRA run adapts: step `expected['step']` of the workdir (or
+  checkpoints folder) `path`, else its latest, restored into `abstract_params`, and the record the run's
+  checkpoints keep of it: {'path', 'step', 'fingerprint'}. A base whose fingerprint differs from
+  `expected`'s is refused (ValueError). `label` names `path` in errors (e.g. the config field);
+  `check_config(saved config, directory)` may refuse the base's config first."""
+  name = label or path
+  source = Checkpointer(path, read_only=True)
+  try:
+    step = source.latest_step() if expected is None else expected["step"]
+    if step is None:
+      raise FileNotFoundError(f"{name}: no checkpoint in {source.directory}; train that run first, or point at "
+                              "a workdir whose checkpoints/ holds a step")
+    if step not in source.all_steps():
+      raise FileNotFoundError(f"{name}: step {step} of {source.directory}, the base model the LoRA adapters "
+                              f"were trained on, is gone (available: {source.all_steps() or 'none'})")
+    if check_config is not None:
+      check_config(source.restore_config(step), source.directory)
+    record = {"path": str(path), "step": step, "fingerprint": source.fingerprint(step)}
+    if expected is not None and record["fingerprint"] != expected["fingerprint"]:  # before reading any weight
+      raise ValueError(f"{name}: step {step} of {path} is not the base model the LoRA adapters were trained on "
+                       f"(fingerprint {record['fingerprint']}; the adapters' checkpoint records "
+                       f"{expected['fingerprint']} of {expected['path']}); point at that base, or train new "
+                       "adapters")
+    return source.restore_params(step, abstract_params), record
+  finally:
+    source.close()
 
 
 def _first_line(e: Exception) -> str:

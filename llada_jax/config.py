@@ -186,6 +186,49 @@ class PreferenceConfig:
     return self.budget // self.n_mask
 
 
+# The projections an adapter can wrap, by their parameter names in the model (llada_jax.model.Block).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_gate", "ff_up", "ff_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA (REFERENCE §11): `rank` > 0 freezes the parameters of `train.init_from` (the base) and trains
+  only low-rank adapters on the `targets` projections: y = x W + scale * dropout(x) A B, A [in, rank]
+  random, B [rank, out] zero (step 0 is the base model), scale = alpha / rank (alpha / sqrt(rank) with
+  `rslora`). The base weights are held in `base_dtype` ('' = model.param_dtype), the adapters and their
+  optimizer state in model.param_dtype; checkpoints store the adapters and a fingerprint of the base.
+  The default targets are the four of d1's GRPO runs that exist in LLaDA (q, k, v and the up projection).
+  """
+
+  rank: int = 0
+  alpha: float = 32.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "ff_up")
+  rslora: bool = False
+  base_dtype: str = ""
+
+  def __post_init__(self):
+    s = "lora"
+    _check_int(s, "rank", self.rank, 0, 65536)
+    _check_float(s, "alpha", self.alpha, 0.0, lo_open=True)
+    _check_float(s, "dropout", self.dropout, 0.0, 0.99)
+    if (not isinstance(self.targets, tuple) or not self.targets or len(set(self.targets)) != len(self.targets)
+        or any(t not in LORA_TARGETS for t in self.targets)):
+      _fail(f"{s}.targets", f"a non-empty tuple of distinct names from {LORA_TARGETS}", self.targets)
+    if not isinstance(self.rslora, bool):
+      _fail(f"{s}.rslora", "True or False", self.rslora)
+    if self.base_dtype not in ("",) + _DTYPES:
+      _fail(f"{s}.base_dtype", f"'' (model.param_dtype) or one of {_DTYPES}", self.base_dtype)
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank) if self.rank else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with a Warmup-Stable-Decay schedule (REFERENCE §6).
@@ -391,6 +434,7 @@ class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
   preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -413,6 +457,9 @@ class Config:
     if objective.causal != m.causal:
       _fail("model.causal", f"{objective.causal} for diffusion.objective={objective.name!r} (causal objectives: "
             f"{[n for n in _objectives().names() if _objectives().get(n).causal]})", m.causal)
+    if self.lora.enabled and not t.init_from:
+      _fail("train.init_from", "the workdir of the base model when lora.rank > 0 (LoRA adapts a trained "
+            "model; its parameters stay frozen)", t.init_from)
     if m.chat is None:  # resolved once, so the checkpoint's config stores the flag
       object.__setattr__(self, "model", dataclasses.replace(m, chat=objective.chat))
     d = self.data
@@ -431,7 +478,8 @@ class Config:
 
 
 _SECTION_TYPES = {
-    "model": ModelConfig, "diffusion": DiffusionConfig, "preference": PreferenceConfig, "optim": OptimConfig,
+    "model": ModelConfig, "diffusion": DiffusionConfig, "preference": PreferenceConfig, "lora": LoraConfig,
+    "optim": OptimConfig,
     "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
 }
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax import attention, sharding
+from llada_jax import attention, lora as lora_lib, sharding
 from llada_jax.config import ModelConfig
 
 _REMAT = {
@@ -75,20 +75,34 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BS: jax.Array | None,
                kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0, *,
-               impl: str = "xla", right_padded: bool = False
+               impl: str = "xla", right_padded: bool = False, adapters: lora_lib.Adapters | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Returns the block output and this call's (RoPE'd) keys and values.
 
     With `kv` (keys/values of a full length-S sequence from an earlier pass), the T queries at
     `kv_offset` attend over that sequence with their own fresh keys/values written in at `kv_offset`:
     the approximate KV cache of Fast-dLLM (positions outside the slice keep stale entries).
+    `adapters` (this layer's slice of the tree) adds LoRA updates to the projections they name.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     w = lambda p: p[...].astype(dt)
+    targets = adapters.tree if adapters is not None else {}
+
+    def adapt(name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+      """y (x's projection by the frozen kernel) plus the adapter's update, where `name` has one."""
+      if name not in targets:
+        return y
+      rng = None if adapters.rng is None else jax.random.fold_in(adapters.rng, lora_lib.TARGET_INDEX[name])
+      u = lora_lib.delta(x, targets[name], name, scale=adapters.scale, dropout=adapters.dropout, rng=rng)
+      extra = y.shape[-1] - u.shape[-1]  # gate/up run zero-padded to mlp_pad_to; their update is not
+      return y + (jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, extra)]) if extra else u)
+
     y_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)
-    q_BTNH = rope(jnp.einsum("btd,dnh->btnh", y_BTD, w(self.q_proj)), positions_BT, cfg.rope_theta)
-    k_BTKH = rope(jnp.einsum("btd,dkh->btkh", y_BTD, w(self.k_proj)), positions_BT, cfg.rope_theta)
-    v_BTKH = jnp.einsum("btd,dkh->btkh", y_BTD, w(self.v_proj))
+    q_BTNH = adapt("q_proj", y_BTD, jnp.einsum("btd,dnh->btnh", y_BTD, w(self.q_proj)))
+    k_BTKH = adapt("k_proj", y_BTD, jnp.einsum("btd,dkh->btkh", y_BTD, w(self.k_proj)))
+    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
+    k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+    v_BTKH = adapt("v_proj", y_BTD, jnp.einsum("btd,dkh->btkh", y_BTD, w(self.v_proj)))
     q_BTNH = checkpoint_name(sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv")), "query")
     k_BTKH, v_BTKH = checkpoint_name(k_BTKH, "key"), checkpoint_name(v_BTKH, "value")
     keys, values = k_BTKH, v_BTKH
@@ -100,7 +114,7 @@ class Block(nnx.Module):
     o_BTNH = attention.attend(q_BTNH, keys, values, valid_BS=valid_BS, causal=cfg.causal and kv is None,
                               impl=impl, right_padded=right_padded)
     o_BTNH = checkpoint_name(o_BTNH, "attn_out")
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out))
+    x_BTD = x_BTD + adapt("attn_out", o_BTNH, jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out)))
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
 
     y_BTD = rms_norm(x_BTD, self.ff_norm[...], cfg.norm_eps)
@@ -112,10 +126,10 @@ class Block(nnx.Module):
       # through the pads' slices to the real parameters).
       gate_DF, up_DF = (jnp.pad(p, ((0, 0), (0, pad))) for p in (gate_DF, up_DF))
       down_FD = jnp.pad(down_FD, ((0, pad), (0, 0)))
-    gate_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", y_BTD, gate_DF))
-    up_BTF = jnp.einsum("btd,df->btf", y_BTD, up_DF)
-    h_BTF = sharding.constrain(gate_BTF * up_BTF, ("batch", "length", "mlp"))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", h_BTF, down_FD)
+    gate_BTF = adapt("ff_gate", y_BTD, jnp.einsum("btd,df->btf", y_BTD, gate_DF))
+    up_BTF = adapt("ff_up", y_BTD, jnp.einsum("btd,df->btf", y_BTD, up_DF))
+    h_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+    x_BTD = x_BTD + adapt("ff_down", h_BTF[..., :cfg.mlp_dim], jnp.einsum("btf,fd->btd", h_BTF, down_FD))
     return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH)
 
 
@@ -137,7 +151,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                cache: tuple[jax.Array, jax.Array] | None = None, offset: jax.Array | int = 0,
-               return_cache: bool = False, right_padded: bool = False, return_hidden: bool = False):
+               return_cache: bool = False, right_padded: bool = False, return_hidden: bool = False,
+               adapters: lora_lib.Adapters | None = None):
     """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
 
     Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
@@ -149,6 +164,8 @@ class Transformer(nnx.Module):
     `return_hidden=True` returns (final normed hidden states [B, T, D], output head [D, V]) instead of
     logits (with `return_cache`, in the logits' place), for a loss that applies the head in chunks
     (`diffusion.chunked_scores`) or a sampler that needs a few positions' logits (`head_logits`).
+    `adapters` (llada_jax.lora) adds LoRA updates to the projections it holds; layer l's dropout key is
+    fold_in(adapters.rng, l).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -162,20 +179,28 @@ class Transformer(nnx.Module):
 
     block_def, block_state = nnx.split(self.blocks)
 
+    adapter_tree = None if adapters is None else adapters.tree["blocks"]
+
     def layer(x, xs):
-      layer_state, kv = xs
+      layer_state, kv, layer_adapters, index = xs
       block = nnx.merge(block_def, layer_state)
-      x, fresh_kv = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded)
+      here = None
+      if adapters is not None:
+        rng = None if adapters.rng is None else jax.random.fold_in(adapters.rng, index)
+        here = adapters._replace(tree=layer_adapters, rng=rng)
+      x, fresh_kv = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded,
+                          adapters=here)
       return x, (fresh_kv if return_cache else None)
 
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    per_layer = (block_state, cache, adapter_tree, jnp.arange(cfg.num_layers, dtype=jnp.int32))
     if cfg.scan_layers:
-      x_BTD, kv_out = jax.lax.scan(layer, x_BTD, (block_state, cache))
+      x_BTD, kv_out = jax.lax.scan(layer, x_BTD, per_layer)
     else:
       outs = []
       for i in range(cfg.num_layers):
-        x_BTD, kv_i = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], (block_state, cache)))
+        x_BTD, kv_i = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], per_layer))
         outs.append(kv_i)
       kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
 
@@ -206,9 +231,10 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
-          valid_BT: jax.Array | None = None, *, right_padded: bool = False, **kv_cache_args: Any) -> Any:
-  """Functional forward pass over a pure-dict parameter tree (see `Transformer.__call__`)."""
-  return nnx.merge(graphdef, params)(tokens_BT, valid_BT, right_padded=right_padded, **kv_cache_args)
+          valid_BT: jax.Array | None = None, *, right_padded: bool = False, **options: Any) -> Any:
+  """Functional forward pass over a pure-dict parameter tree (see `Transformer.__call__` for `options`:
+  the KV cache, `return_hidden`, LoRA `adapters`)."""
+  return nnx.merge(graphdef, params)(tokens_BT, valid_BT, right_padded=right_padded, **options)
 
 
 def count_params(params: Any) -> int:

@@ -54,7 +54,7 @@ def leaf_placements(abstract_tree: Any) -> list[LeafPlacement]:
   return rows
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
   for unit, scale in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
     if n >= scale:
       return f"{n / scale:.2f} {unit}"
@@ -69,6 +69,8 @@ def shardings_table(s: train.Setup) -> str:
   trees = [("params", s.abstract_state.params), ("opt_state", s.abstract_state.opt_state)]
   if s.abstract_state.frozen is not None:
     trees.append(("reference (frozen)", s.abstract_state.frozen))
+  if s.abstract_state.base is not None:
+    trees.append(("base model (frozen; params are its LoRA adapters)", s.abstract_state.base))
   for name, tree in trees:
     rows = leaf_placements(tree)
     width = max(len(r.path) for r in rows)
@@ -76,9 +78,9 @@ def shardings_table(s: train.Setup) -> str:
     lines.append(f"  {'leaf':<{width}}  {'shape':<22} {'dtype':<9} {'spec':<36} per device")
     for r in rows:
       lines.append(f"  {r.path:<{width}}  {str(r.shape):<22} {r.dtype:<9} {r.spec:<36} "
-                   f"{_fmt_bytes(r.device_bytes)}")
-    lines.append(f"  total {_fmt_bytes(sum(r.total_bytes for r in rows))}, per device "
-                 f"{_fmt_bytes(sum(r.device_bytes for r in rows))}")
+                   f"{format_bytes(r.device_bytes)}")
+    lines.append(f"  total {format_bytes(sum(r.total_bytes for r in rows))}, per device "
+                 f"{format_bytes(sum(r.device_bytes for r in rows))}")
   return "\n".join(lines)
 
 
@@ -92,21 +94,25 @@ class MemoryReport:
   params_per_device: int
   opt_per_device: int
   reference_per_device: int   # a frozen reference model (preference objectives), else 0
+  base_per_device: int        # LoRA: the frozen base model (params/opt are then the adapters'), else 0
   batch_per_device: int
   temp_per_device: int        # activations, gradients in flight, collectives' buffers
   peak_per_device: int        # arguments + temporaries + outputs not aliased to (donated) arguments
   compile_s: float
 
   def table(self) -> str:
-    rows = [("parameters", self.params_per_device), ("optimizer state", self.opt_per_device)]
+    rows = [("LoRA adapters" if self.base_per_device else "parameters", self.params_per_device),
+            ("optimizer state", self.opt_per_device)]
+    if self.base_per_device:
+      rows.append(("base model (frozen)", self.base_per_device))
     if self.reference_per_device:
       rows.append(("reference model (frozen)", self.reference_per_device))
     rows += [("batch", self.batch_per_device), ("activations + temporaries", self.temp_per_device),
             ("peak (estimate)", self.peak_per_device)]
     out = [f"dry run: {self.num_devices} devices, mesh {self.mesh_shape}, compiled in {self.compile_s:.1f}s",
-           f"model parameters: {_fmt_bytes(self.params_total)} in total",
+           f"{'LoRA adapters' if self.base_per_device else 'model parameters'}: {format_bytes(self.params_total)} in total",
            f"{'per device':<28} {'bytes':>14} {'':>12}"]
-    out += [f"{name:<28} {n:>14,d} {_fmt_bytes(n):>12}" for name, n in rows]
+    out += [f"{name:<28} {n:>14,d} {format_bytes(n):>12}" for name, n in rows]
     fits = [f"{chip} ({gib} GiB): {'yes' if self.peak_per_device <= gib * GiB else 'no'}"
             for chip, gib in DEVICE_MEMORY_GIB.items()]
     out.append("fits on: " + ", ".join(fits))
@@ -131,6 +137,7 @@ def dry_run(s: train.Setup) -> MemoryReport:
   params = leaf_placements(s.abstract_state.params)
   opt = leaf_placements(s.abstract_state.opt_state)
   reference = leaf_placements(s.abstract_state.frozen) if s.abstract_state.frozen is not None else []
+  base = leaf_placements(s.abstract_state.base) if s.abstract_state.base is not None else []
   batch_bytes = sum(r.device_bytes for r in leaf_placements(batch))
   peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
           + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0))
@@ -139,5 +146,6 @@ def dry_run(s: train.Setup) -> MemoryReport:
       params_total=sum(r.total_bytes for r in params),
       params_per_device=sum(r.device_bytes for r in params),
       opt_per_device=sum(r.device_bytes for r in opt),
-      reference_per_device=sum(r.device_bytes for r in reference), batch_per_device=batch_bytes,
+      reference_per_device=sum(r.device_bytes for r in reference),
+      base_per_device=sum(r.device_bytes for r in base), batch_per_device=batch_bytes,
       temp_per_device=int(mem.temp_size_in_bytes), peak_per_device=int(peak), compile_s=compile_s)

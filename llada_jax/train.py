@@ -10,6 +10,7 @@ shown after training are the CLI's (`print_samples`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable
@@ -22,8 +23,12 @@ import optax
 from flax import nnx
 
 from llada_jax import checkpoint as ckpt_lib, files, run_control
-from llada_jax import diffusion, metrics as metrics_lib, model as model_lib, objectives, optim, serving, sharding
+from llada_jax import diffusion, lora as lora_lib, metrics as metrics_lib, model as model_lib, objectives, optim
+from llada_jax import serving, sharding
 from llada_jax.config import Config, architecture_fields
+
+
+_LORA_DROPOUT_STREAM = 0x10A  # fold_in constant: adapter dropout draws apart from the objective's masks
 
 
 @flax.struct.dataclass
@@ -33,6 +38,9 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # uint32 key data of the per-step key (raw, so Orbax stores it like any array)
   frozen: Any = None  # non-trained state: a reference model's parameters (objectives.Objective.reference)
+  # LoRA (lora.rank > 0): the frozen base model's parameters, while `params` holds the adapters. Never
+  # checkpointed: reloaded from train.init_from, whose fingerprint each checkpoint records.
+  base: Any = flax.struct.field(default=None, metadata={"checkpoint": False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,36 +57,46 @@ class Setup:
   batch_shardings: dict[str, jax.sharding.NamedSharding]  # one per field of the objective's batch
   init: Callable[[jax.Array], TrainState]
   step: Callable[..., tuple[TrainState, dict]]  # (state, batch) -> (state, metrics)
-  eval_step: Callable[..., dict]   # (params, batch, rng, frozen) -> {'loss', 'masked_accuracy', ...}
+  eval_step: Callable[..., dict]   # (params, batch, rng, frozen, base) -> {'loss', 'masked_accuracy', ...}
   objective: objectives.Objective
   jit_step: Any                    # the jitted (state, batch) -> (state, metrics) behind `step`
   with_reference: Callable[[TrainState], TrainState]  # frozen := a copy of params (reference objectives)
+  # LoRA only (else None): rng -> a random base model placed like TrainState.base (benchmarks, tests); a
+  # run loads its base from train.init_from instead (`load_base`).
+  init_base: Callable[[jax.Array], Any] | None = None
 
 
-def _score_fn(config: Config, graphdef, params) -> diffusion.ScoreFn:
+def _score_fn(config: Config, graphdef, params, adapters: lora_lib.Adapters | None = None) -> diffusion.ScoreFn:
   """Per-token CE of the model on training batches (right-padded: packing, SFT pads and the
   random-length crop all keep each row's valid tokens a prefix), with the output head chunked over the
-  sequence when `model.loss_chunk_size` > 0."""
+  sequence when `model.loss_chunk_size` > 0; `adapters`: LoRA updates over `params` (the base)."""
   chunk = config.model.loss_chunk_size
+  apply = functools.partial(model_lib.apply, graphdef, params, right_padded=True, adapters=adapters)
   if not chunk:
-    return diffusion.from_logits(
-        lambda tokens_BL, valid_BL: model_lib.apply(graphdef, params, tokens_BL, valid_BL, right_padded=True))
+    return diffusion.from_logits(apply)
 
   def score_fn(tokens_BL, valid_BL, targets_BL):
-    x_BLD, head_DV = model_lib.apply(graphdef, params, tokens_BL, valid_BL, right_padded=True,
-                                     return_hidden=True)
+    x_BLD, head_DV = apply(tokens_BL, valid_BL, return_hidden=True)
     return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)
 
   return score_fn
 
 
-def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array,
-          frozen: Any = None) -> tuple[jax.Array, diffusion.LossOutput]:
-  # The reference model scores with the policy's score function over its own (constant) parameters.
-  reference = (_score_fn(config, graphdef, jax.lax.stop_gradient(frozen))
-               if objectives.of(config).reference else None)
-  out = objectives.of(config).loss(_score_fn(config, graphdef, params), batch, rng, config=config,
-                                   reference=reference)
+def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen: Any = None,
+          base: Any = None, *, training: bool = True) -> tuple[jax.Array, diffusion.LossOutput]:
+  """The objective's loss of `params`. With LoRA, `params` are the adapters over the frozen `base` (adapter
+  dropout while `training`), and a reference model is the base itself (adapters off): no second copy."""
+  objective = objectives.of(config)
+  if base is not None:
+    dropout_rng = jax.random.fold_in(rng, _LORA_DROPOUT_STREAM) if training else None
+    policy = _score_fn(config, graphdef, base, lora_lib.Adapters(params, config.lora.scale, config.lora.dropout,
+                                                                 dropout_rng))
+    reference = _score_fn(config, graphdef, base) if objective.reference else None
+  else:
+    policy = _score_fn(config, graphdef, params)
+    # The reference model scores with the policy's score function over its own (constant) parameters.
+    reference = _score_fn(config, graphdef, jax.lax.stop_gradient(frozen)) if objective.reference else None
+  out = objective.loss(policy, batch, rng, config=config, reference=reference)
   return out.loss, out
 
 
@@ -94,7 +112,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   accum = config.train.grad_accum_steps
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, state.frozen), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, state.frozen, state.base),
+                                 has_aux=True)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
       (loss, out), grads = grad_fn(state.params, batch, step_rng)
@@ -111,7 +130,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, state.params, first, step_rng,
-                                                          state.frozen)))
+                                                          state.frozen, state.base)))
       zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)
@@ -148,8 +167,8 @@ def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:
   eval_config = dataclasses.replace(
       config, diffusion=dataclasses.replace(config.diffusion, random_length_prob=0.0))
 
-  def eval_step(params: Any, batch: dict, rng: jax.Array, frozen: Any = None) -> dict:
-    loss, out = _loss(eval_config, graphdef, params, batch, rng, frozen)
+  def eval_step(params: Any, batch: dict, rng: jax.Array, frozen: Any = None, base: Any = None) -> dict:
+    loss, out = _loss(eval_config, graphdef, params, batch, rng, frozen, base, training=False)
     return {"loss": loss, "masked_accuracy": out.num_correct / jnp.maximum(out.num_masked, 1),
             **(out.metrics or {})}
 
@@ -165,45 +184,64 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     raise ValueError(f"config field 'train.batch_size'={config.train.batch_size} (micro-batch {micro}) must "
                      f"be a multiple of the {divisor} devices the batch is split over")
   graphdef, abstract_model_state = model_lib.abstract_model(config.model)
-  param_shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract_model_state), config.mesh, mesh)
+  model_shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract_model_state), config.mesh, mesh)
+  lora = config.lora
+  if lora.enabled:
+    # The adapters train; the model's own parameters are the frozen base (TrainState.base).
+    abstract_params = lora_lib.abstract(config.model, lora)
+    param_shardings = sharding.tree_shardings(lora_lib.logical_axes(config.model, lora), config.mesh, mesh)
+    base_dtype = jnp.dtype(lora.base_dtype or config.model.param_dtype)
+    abstract_base = ckpt_lib.abstract_like(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype),
+                                                        nnx.to_pure_dict(abstract_model_state)), model_shardings)
+  else:
+    abstract_params, param_shardings, abstract_base = nnx.to_pure_dict(abstract_model_state), model_shardings, None
+  base_sh = model_shardings if lora.enabled else None
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  abstract_params = nnx.to_pure_dict(abstract_model_state)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   objective = objectives.of(config)
-  # A reference model is sharded exactly like the parameters it copies.
-  frozen_sh = param_shardings if objective.reference else None
-  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
-                               frozen=frozen_sh)
+  # A reference model is sharded exactly like the parameters it copies; under LoRA it is the base itself.
+  copies_reference = objective.reference and not lora.enabled
+  frozen_sh = param_shardings if copies_reference else None
+  init_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
+                              frozen=frozen_sh)
+  state_shardings = init_shardings.replace(base=base_sh)
 
   def init_fn(rng: jax.Array) -> TrainState:
     params_key, step_key = jax.random.split(rng)
-    params = model_lib.init_params(config.model, params_key)
+    params = (lora_lib.init(config.model, lora, params_key) if lora.enabled
+              else model_lib.init_params(config.model, params_key))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(step_key),
-                      frozen=jax.tree.map(jnp.copy, params) if objective.reference else None)
+                      frozen=jax.tree.map(jnp.copy, params) if copies_reference else None)
 
-  abstract_state = ckpt_lib.abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
+  abstract_state = ckpt_lib.abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), init_shardings)
+  abstract_state = abstract_state.replace(base=abstract_base)
 
   batch_sh = {name: sharding.batch_sharding(config.mesh, mesh, ndim)
               for name, ndim in objective.batch_ranks().items()}
   with sharding.use_rules(config.mesh, mesh):
-    init = jax.jit(init_fn, out_shardings=state_shardings)
+    init = jax.jit(init_fn, out_shardings=init_shardings)
     jit_step = jax.jit(make_train_step(config, graphdef, tx, schedule),
                        in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                        donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(config, graphdef), in_shardings=(param_shardings, batch_sh, repl, frozen_sh),
-                        out_shardings=repl)
+    eval_step = jax.jit(make_eval_step(config, graphdef),
+                        in_shardings=(param_shardings, batch_sh, repl, frozen_sh, base_sh), out_shardings=repl)
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
+    init_base = None
+    if lora.enabled:
+      init_base = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(base_dtype),
+                                                   model_lib.init_params(config.model, rng)),
+                          out_shardings=model_shardings)
 
   def with_reference(state: TrainState) -> TrainState:
-    return state.replace(frozen=copy(state.params)) if objective.reference else state
+    return state.replace(frozen=copy(state.params)) if copies_reference else state
 
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, jit_step,
-               eval_step, objective, jit_step, with_reference)
+               eval_step, objective, jit_step, with_reference, init_base)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
@@ -233,15 +271,18 @@ def run_steps(s: Setup, state: TrainState, batches, num_steps: int) -> tuple[Tra
 
 
 def validate(s: Setup, params: Any, batches: list[dict[str, np.ndarray]], *,
-             reference: Any = None) -> dict[str, float]:
+             reference: Any = None, base: Any = None) -> dict[str, float]:
   """Mean held-out loss, masked accuracy and the objective's metrics over `batches` (`eval_` + name),
   batch i masked with a key fixed by i. `reference`: the frozen reference parameters (`TrainState.frozen`)
-  of an objective that has one."""
-  if s.objective.reference and reference is None:
+  of an objective that has one; `base`: a LoRA run's base parameters (`TrainState.base`), `params` being
+  its adapters."""
+  if s.config.lora.enabled and base is None:
+    raise ValueError("validating a LoRA run needs its base parameters (TrainState.base)")
+  if s.objective.reference and not s.config.lora.enabled and reference is None:
     raise ValueError(f"validating a '{s.objective.name}' run needs its reference parameters (TrainState.frozen)")
   key = jax.random.key(s.config.train.seed + 1)
   with sharding.use_rules(s.config.mesh, s.mesh):
-    out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i), reference)
+    out = [s.eval_step(params, global_batch(s, b), jax.random.fold_in(key, i), reference, base)
            for i, b in enumerate(batches)]
   out = jax.device_get(out)
   means = {f"eval_{k}": float(np.mean([o[k] for o in out])) for k in out[0]}
@@ -287,6 +328,21 @@ def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState
   return state.replace(params=params)
 
 
+def load_base(config: Config, s: Setup, expected: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+  """A LoRA run's frozen base: the parameters of `train.init_from` (its latest step, or on resume the
+  `expected` record's step, whose fingerprint must match) in lora.base_dtype, and the record the run's
+  checkpoints keep of them (`checkpoint.restore_base`)."""
+  return ckpt_lib.restore_base(config.train.init_from, s.abstract_state.base, expected=expected,
+                               label="config field 'train.init_from'",
+                               check_config=lambda saved, where: _check_resume_config(config, saved, where))
+
+
+def inference_params(config: Config, state: TrainState) -> Any:
+  """The parameters the model runs with after training: `state.params`, or for LoRA the base with the
+  adapters merged in."""
+  return lora_lib.merge(state.base, state.params, config.lora) if config.lora.enabled else state.params
+
+
 def train_and_evaluate(config: Config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns a summary.
 
@@ -327,8 +383,15 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
   else:
     start = 0
     state = s.init(root_key(config))
-    if config.train.init_from:
+    if config.train.init_from and not config.lora.enabled:
       state = s.with_reference(_init_params_from(config, s, state))
+  base_record = None
+  if config.lora.enabled:  # the adapters start fresh (or were restored); the base is read every time
+    base, base_record = load_base(config, s, ckpt.base_record(start) if restored is not None else None)
+    state = state.replace(base=base)
+    if restored is None:
+      print(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.targets)} over the frozen step "
+            f"{base_record['step']} of {config.train.init_from}", flush=True)
   control.begin(start, resumed=restored is not None)
   if jax.process_index() == 0:
     files.write_atomic(files.path(workdir, "config.json"), config.to_json())
@@ -353,11 +416,12 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
       last_step = done == control.end or preempted
       logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
       if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
-        scores = validate(s, state.params, eval_batches, reference=state.frozen)
+        scores = validate(s, state.params, eval_batches, reference=state.frozen, base=state.base)
         writer.write(done, scores)
         logger.progress.print(done, scores)
       if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):
-        if ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted):
+        if ckpt.save(done, state, data_iterator=data_iter, config=config.to_dict(), force=preempted,
+                     base=base_record):
           control.saving(done)
       if preempted:
         if jax.process_index() == 0:
@@ -377,8 +441,8 @@ def print_samples(config: Config, summary: dict[str, Any]) -> list[tuple[str, st
   """Completes the data's sample prompts with a run's final parameters (`summary` as returned by
   `train_and_evaluate`) and prints `sample: 'prompt' -> 'completion'` lines (process 0); returns the
   (prompt, completion) pairs. What `llada-train` shows after a finished run."""
-  results = sample_completions(config, summary["setup"], summary["state"].params, summary["tokenizer"],
-                               summary["sample_prompts"])
+  results = sample_completions(config, summary["setup"], inference_params(config, summary["state"]),
+                               summary["tokenizer"], summary["sample_prompts"])
   if jax.process_index() == 0:
     for shown, completion in results:
       print(f"sample: {shown!r} -> {completion!r}", flush=True)
