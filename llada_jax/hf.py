@@ -109,7 +109,7 @@ class Tensor(NamedTuple):
     return np.ascontiguousarray(x.reshape(self.shape[::-1]).T if self.transpose else x.reshape(self.shape))
 
 
-_BLOCK = (("attn_norm", "attn_norm", False), ("q_proj", "q_proj", True), ("k_proj", "k_proj", True),
+BLOCK = (("attn_norm", "attn_norm", False), ("q_proj", "q_proj", True), ("k_proj", "k_proj", True),
           ("v_proj", "v_proj", True), ("attn_out", "attn_out", True), ("ff_norm", "ff_norm", False),
           ("ff_gate", "ff_proj", True), ("ff_up", "up_proj", True), ("ff_down", "ff_out", True))
 
@@ -121,7 +121,7 @@ def layout(m: ModelConfig) -> list[Tensor]:
                "attn_out": (d, n * h), "ff_norm": (d,), "ff_proj": (f, d), "up_proj": (f, d), "ff_out": (d, f)}
   out = [Tensor("model.transformer.wte.weight", (v, d), ("embedding",), None, False)]
   for i in range(m.num_layers):
-    for ours, theirs, transpose in _BLOCK:
+    for ours, theirs, transpose in BLOCK:
       out.append(Tensor(f"model.transformer.blocks.{i}.{theirs}.weight", hf_shapes[theirs],
                         ("blocks", ours), i, transpose))
   out.append(Tensor("model.transformer.ln_f.weight", (d,), ("final_norm",), None, False))
@@ -139,7 +139,7 @@ def _leaf(tree: Any, path: tuple[str, ...]) -> Any:
 # Reading a HF directory
 
 
-def _safetensors():
+def safetensors_module():
   try:
     import safetensors  # pylint: disable=g-import-not-at-top
     import safetensors.numpy  # pylint: disable=g-import-not-at-top,unused-import
@@ -194,7 +194,7 @@ class HFDirectory:
                             "holds config.json, model*.safetensors and the tokenizer files")
 
   def _scan(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    safetensors = _safetensors()
+    safetensors = safetensors_module()
     out: dict[str, tuple[str, tuple[int, ...], str]] = {}
     for name in self._weight_files():
       path = os.fspath(self.path / name)
@@ -241,7 +241,7 @@ class HFDirectory:
 
   def read(self, name: str) -> np.ndarray:
     """One tensor, opening its file afresh so mapped pages of earlier tensors are released."""
-    with _safetensors().safe_open(os.fspath(self.path / self.tensors[name][0]), framework="numpy") as f:
+    with safetensors_module().safe_open(os.fspath(self.path / self.tensors[name][0]), framework="numpy") as f:
       return f.get_tensor(name)
 
 
@@ -361,18 +361,33 @@ def _shards(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[T
 
 
 def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
-                      dtype: str = "keep", max_shard_bytes: int = 2 * 2**30) -> list[str]:
+                      dtype: str = "keep", max_shard_bytes: int = 2 * 2**30, merge: bool = False) -> list[str]:
   """Writes a llada_jax checkpoint in the HF layout (safetensors + config.json + tokenizer files).
 
   Returns the weight files written. Host memory holds the restored parameters plus one file's tensors
   (`max_shard_bytes`), so smaller files mean a lower peak. A model trained here then loads in PyTorch with the released
   `modeling_llada.py` / `configuration_llada.py` placed beside the files (`trust_remote_code=True`).
+  A LoRA run's workdir needs `merge=True`: its base model with the adapters merged in (llada_jax.peft
+  writes the adapters alone).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
   out = files.path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"{out} is not empty; export into a new directory")
+  ckpt = ckpt_lib.Checkpointer(os.fspath(workdir), read_only=True)
+  try:
+    latest = ckpt.latest_step() if step is None else step
+    saved = ckpt.restore_config(latest) if latest in ckpt.all_steps() else {}
+  finally:
+    ckpt.close()
+  rank = saved.get("lora", {}).get("rank", 0)
+  if rank and not merge:
+    raise ValueError(f"{workdir} holds LoRA adapters (rank {rank}) over {saved.get('train', {}).get('init_from')}: "
+                     "pass --merge to export that base with the adapters merged in, or --adapter for PEFT "
+                     "adapter files")
+  if merge and not rank:
+    raise ValueError(f"--merge: {workdir} holds no LoRA adapters (its lora.rank is 0); export it without --merge")
   model = serving.load(os.fspath(workdir), step)
   m = model.model_config
   if m.causal:
@@ -383,7 +398,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   names = (["model.safetensors"] if len(groups) == 1 else
            [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
   out.mkdir(parents=True, exist_ok=True)
-  save_file = _safetensors().numpy.save_file
+  save_file = safetensors_module().numpy.save_file
   for name, group in zip(names, groups):
     arrays = {}
     for t in group:

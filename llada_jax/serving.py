@@ -19,8 +19,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import causal_sampling, checkpoint as ckpt_lib, files, model as model_lib, sampling, sharding
-from llada_jax.config import MeshConfig, ModelConfig, saved_model_config, section_from_dict
+from llada_jax import causal_sampling, checkpoint as ckpt_lib, files, lora as lora_lib, model as model_lib
+from llada_jax import sampling, sharding
+from llada_jax.config import LoraConfig, MeshConfig, ModelConfig, saved_model_config, section_from_dict
 from llada_jax.data import sft, tokenizer as tokenizer_lib
 
 
@@ -142,6 +143,8 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   the checkpoint's config are read.
 
   Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same).
+  A LoRA run's workdir loads its base model (`train.init_from`, checked against the fingerprint its
+  checkpoint records) with the adapters merged in.
   """
   if not files.is_remote(workdir) and not files.path(workdir).exists():
     raise FileNotFoundError(f"workdir {workdir} does not exist: give the --workdir of a training run "
@@ -165,11 +168,45 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
     mesh_cfg = section_from_dict("mesh", saved.get("mesh", {}))
     mesh_cfg, mesh = sharding.make_mesh_or_fallback(mesh_cfg)
     shardings = sharding.tree_shardings(sharding.param_logical_axes(abstract), mesh_cfg, mesh)
-    params = ckpt.restore_params(step, ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings))
+    abstract_params = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), shardings)
+    lora = section_from_dict("lora", saved.get("lora", {}))
+    if lora.enabled:
+      # Merged once: sampling then runs the plain model, as fast as the base.
+      adapters = restore_adapters(ckpt, step, model_cfg, lora, mesh_cfg, mesh)
+      base = restore_lora_base(ckpt, step, saved, abstract_params, lora)
+      params = jax.jit(lambda b, a: lora_lib.merge(b, a, lora), out_shardings=shardings)(base, adapters)
+    else:
+      params = ckpt.restore_params(step, abstract_params)
   finally:
     ckpt.close()
   tokenizer = tokenizer_lib.load(workdir)  # whichever kind the run kept: tokenizer.model or tokenizer.json
   return LoadedModel(model_cfg, graphdef, params, tokenizer, mask_id, model_cfg.chat, step)
+
+
+def restore_adapters(ckpt: ckpt_lib.Checkpointer, step: int, model_cfg: ModelConfig, lora: LoraConfig,
+                     mesh_cfg: MeshConfig, mesh: jax.sharding.Mesh) -> Any:
+  """The LoRA adapters a step of a LoRA run (or an imported PEFT adapter) holds, placed on `mesh`."""
+  shardings = sharding.tree_shardings(lora_lib.logical_axes(model_cfg, lora), mesh_cfg, mesh)
+  return ckpt.restore_params(step, ckpt_lib.abstract_like(lora_lib.abstract(model_cfg, lora), shardings))
+
+
+def restore_lora_base(ckpt: ckpt_lib.Checkpointer, step: int, saved: dict[str, Any], abstract_params: Any,
+                      lora: LoraConfig) -> Any:
+  """The base model a LoRA step's adapters were trained on, in lora.base_dtype: the step its checkpoint
+  records, read from the saved `train.init_from` (or the recorded path), refused if its fingerprint
+  differs from the recorded one."""
+  record = ckpt.base_record(step)
+  if record is None:
+    raise ValueError(f"checkpoint step {step} in {ckpt.directory} holds LoRA adapters but no record of their "
+                     "base model")
+  dtype = jax.numpy.dtype(lora.base_dtype) if lora.base_dtype else None
+  if dtype is not None:
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+                                   abstract_params)
+  path = saved.get("train", {}).get("init_from") or record["path"]
+  base, _ = ckpt_lib.restore_base(path, abstract_params, expected=record,
+                                  label=f"the base model of the LoRA checkpoint {ckpt.directory}")
+  return base
 
 
 class ChatSession:
