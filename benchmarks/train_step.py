@@ -5,7 +5,7 @@
       --config.train.batch_size=8 --config.train.seq_len=4096 --config.model.remat_policy=full   # GPU
 
 Builds `llada_jax.train.setup(config)` on the configured mesh, initialises the state from the run's
-root key and feeds the same random batch (the fields the configured loss reads; no data pipeline, no
+root key (a LoRA config, `lora.rank` > 0, gets a random base model) and feeds the same random batch (the fields the configured loss reads; no data pipeline, no
 tokenizer) to `Setup.step`: `--warmup` steps, then `--steps` timed ones, each waited for. Step time is
 the median of the timed steps; compile time is the first call's wall time less one median step.
 
@@ -72,6 +72,29 @@ def random_batch(config: config_lib.Config, rows: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def time_steps(s: train.Setup, *, warmup: int, steps: int, profile_dir: str | None = None
+               ) -> tuple[float, float, float]:
+  """Runs `warmup` then `steps` real steps of `s` on one random batch (a LoRA run on a random base model),
+  each waited for: (median step seconds, compile seconds, last loss)."""
+  config = s.config
+  state = s.init(train.root_key(config))
+  if s.init_base is not None:
+    state = state.replace(base=s.init_base(jax.random.key(1)))
+  batch = train.global_batch(s, random_batch(config, config.train.batch_size // jax.process_count()))
+  times = []
+  with sharding.use_rules(config.mesh, s.mesh):
+    for i in range(warmup + steps):
+      if i == warmup and profile_dir:
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+      t0 = time.perf_counter()
+      state, out = jax.block_until_ready(s.step(state, batch))
+      times.append(time.perf_counter() - t0)
+  if profile_dir:
+    jax.profiler.stop_trace()
+  step_s = statistics.median(times[warmup:])
+  return step_s, times[0] - step_s, float(out["loss"])  # the first call compiles, then runs one step
+
+
 def _peak_memory() -> tuple[float, float] | None:
   """(peak bytes in use, bytes limit) of the worst local device, or None where JAX keeps no stats."""
   stats = [d.memory_stats() for d in jax.local_devices()]
@@ -94,24 +117,9 @@ def main(argv):
   peak = _PEAK.value * 1e12 if _PEAK.value else metrics.peak_flops_per_device(device)
 
   s = train.setup(config)
-  state = s.init(train.root_key(config))
   num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
-  batch = train.global_batch(s, random_batch(config, t.batch_size // jax.process_count()))
-  times = []
-  with sharding.use_rules(config.mesh, s.mesh):
-    for i in range(_WARMUP.value + _STEPS.value):
-      if i == _WARMUP.value and _PROFILE.value:
-        jax.profiler.start_trace(_PROFILE.value, create_perfetto_trace=True)
-      t0 = time.perf_counter()
-      state, out = jax.block_until_ready(s.step(state, batch))
-      times.append(time.perf_counter() - t0)
-  if _PROFILE.value:
-    jax.profiler.stop_trace()
-  step_s = statistics.median(times[_WARMUP.value:])
-  compile_s = times[0] - step_s  # the first call compiles, then runs one step
-  loss = float(out["loss"])
+  step_s, compile_s, loss = time_steps(s, warmup=_WARMUP.value, steps=_STEPS.value, profile_dir=_PROFILE.value)
   mem = _peak_memory()  # before the ceilings below, whose buffers would count in the high-water mark
-  del state, out, batch
 
   # Ceilings after the train step and with its buffers freed, so they never crowd a full device.
   measure = _CEILINGS.value if _CEILINGS.value is not None else device.platform != "cpu"

@@ -49,6 +49,18 @@ def test_train_step_benchmark_prints_a_row_and_json(tmp_path):
   assert busy > 0 and rows and abs(sum(float(r[3]) for r in rows[1:]) - busy) < 0.01 * busy + 0.05 * len(rows)
 
 
+def test_lora_benchmark_compares_full_fine_tuning_with_ranks():
+  out = _script("lora.py", "--config=configs/tiny.py", "--ranks=0,4", "--steps=1", "--warmup=1")
+  lines = [l for l in out.splitlines() if l.startswith("|")]
+  cols = [c.strip() for c in lines[0].strip("|").split("|")]
+  rows = {r["setting"]: r for r in (dict(zip(cols, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:])}
+  assert set(rows) == {"full fine-tuning", "LoRA r=4"}, out
+  full, lora = rows["full fine-tuning"], rows["LoRA r=4"]
+  assert full["frozen base"] == "0 B" and lora["frozen base"] != "0 B", out
+  assert float(lora["trained params"][:-1]) < float(full["trained params"][:-1]) / 3, out
+  assert float(lora["step ms"]) > 0 and float(full["tokens/s"]) > 0, out
+
+
 def test_attention_benchmark_compares_backends_to_xla():
   out = _script("attention.py", "--batch=1", "--seq=128", "--heads=2", "--kv_heads=1", "--repeats=1")
   rows = {r[1].strip(): r for r in (l.split("|") for l in out.splitlines()) if len(r) == 7}
