@@ -2,15 +2,16 @@
 where the model fits this machine, the measured step time.
 
   python benchmarks/lora.py --config=configs/sft_demo.py --ranks=0,16,64,128 --steps=5     # demo, CPU
-  python benchmarks/lora.py --config=configs/sft_llada_8b.py --ranks=0,16,64,128 --steps=0 \\
-      --num_devices=8 --config.train.batch_size=64 --config.train.grad_accum_steps=8        # 8B plan
+  python benchmarks/lora.py --config=configs/sft_llada_8b.py --ranks=0,16,64,128 --plan_only \\
+      --num_devices=8 --config.train.batch_size=64 --config.train.grad_accum_steps=8 \\
+      --lora_base_dtype=bfloat16                                                            # 8B plan
 
 Rank 0 is full fine-tuning of the config as given; rank r > 0 trains adapters of rank r (alpha 2r, the
 config's `lora.targets`) over a frozen base (a random one: speed and memory do not depend on the values;
 `train.init_from` is set to a placeholder, never read). Memory (per device): `plan.dry_run` of the same step (params
 or adapters, optimizer state, frozen base, activations and temporaries, peak). Time: `--warmup` + `--steps`
-real steps on one random batch (train_step.py's loop); `--steps=0` plans only. Flags: train_step.py's
-(--config, --steps, --warmup, --num_devices) plus --ranks and --lora_base_dtype.
+real steps on one random batch (train_step.py's loop); `--plan_only` skips them. Flags: train_step.py's
+(--config, --steps, --warmup, --num_devices) plus --ranks, --lora_base_dtype and --plan_only.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from llada_jax import config as config_lib, plan, train
 
 _RANKS = flags.DEFINE_list("ranks", ["0", "16", "64", "128"], "LoRA ranks to compare; 0 = full fine-tuning.")
 _BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "", "lora.base_dtype of the LoRA rows ('' = param dtype).")
+_PLAN_ONLY = flags.DEFINE_bool("plan_only", False, "Memory plan only, no steps run (shapes this machine cannot run).")
 
 
 def _setting(config: config_lib.Config, rank: int) -> config_lib.Config:
@@ -39,6 +41,7 @@ def main(argv):
     train_step.common.fake_cpu_devices(train_step._NUM_DEVICES.value)  # pylint: disable=protected-access
   base = config_lib.from_config_dict(train_step._CONFIG.value)  # pylint: disable=protected-access
   steps, warmup = train_step._STEPS.value, train_step._WARMUP.value  # pylint: disable=protected-access
+  steps = 0 if _PLAN_ONLY.value else steps
   t = base.train
   print(f"rev {train_step._git_revision()}, jax {jax.__version__}, {jax.device_count()} x "  # pylint: disable=protected-access
         f"{jax.devices()[0].device_kind}; batch {t.batch_size} x {t.seq_len} (accum {t.grad_accum_steps}), "
