@@ -162,10 +162,11 @@ def preference(c: ml_collections.ConfigDict, init_from: str = "", objective: str
 
 
 def lora(c: ml_collections.ConfigDict, rank: int, alpha: float, peak_lr: float,
-         targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "ff_up")) -> ml_collections.ConfigDict:
+         targets: tuple[str, ...] | None = None) -> ml_collections.ConfigDict:
   """LoRA on top of a fine-tuning config (REFERENCE §11): the base (`train.init_from`) frozen, adapters of
-  `rank` on `targets` trained at `peak_lr` (adapters train at larger rates than full fine-tuning)."""
-  c.lora.update(rank=rank, alpha=alpha, targets=targets)
+  `rank` on `targets` (None: keep c.lora.targets) trained at `peak_lr` (adapters train at larger rates
+  than full fine-tuning)."""
+  c.lora.update(rank=rank, alpha=alpha, targets=c.lora.targets if targets is None else targets)
   c.optim.peak_lr = peak_lr
   return c
 

@@ -54,7 +54,8 @@ def _stored(state: Any) -> Any:
 def _rebuilt(abstract: Any, stored: Any) -> Any:
   """The state `_stored` turned into a dict, back in `abstract`'s type (fields not checkpointed: None)."""
   if dataclasses.is_dataclass(abstract) and not isinstance(abstract, type):
-    skipped = {f.name: None for f in dataclasses.fields(abstract) if f.name not in _kept(abstract)}
+    kept = _kept(abstract)
+    skipped = {f.name: None for f in dataclasses.fields(abstract) if f.name not in kept}
     return dataclasses.replace(abstract, **skipped, **stored)
   return stored
 

@@ -35,9 +35,8 @@ def tensor_names(m: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]
   """Every PEFT tensor of adapters `lora` on a model `m`: name -> [r, in] or [out, r] shape."""
   out = {}
   for i in range(m.num_layers):
-    for target in lora.targets:
-      shape, n_in = lora_lib.kernel_shape(m, target), lora_lib.KERNEL_AXES[target][1]
-      fan_in, fan_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
+    for target, s in lora_lib.shapes(m, lora).items():  # A [layers, in..., r], B [layers, r, out...]
+      fan_in, fan_out = int(np.prod(s["lora_a"][1:-1])), int(np.prod(s["lora_b"][2:]))
       stem = f"{PREFIX}{i}.{HF_MODULE[target]}"
       out[f"{stem}.lora_A.weight"] = (lora.rank, fan_in)
       out[f"{stem}.lora_B.weight"] = (fan_out, lora.rank)
@@ -170,7 +169,10 @@ def import_adapter(adapter_dir: str, base_workdir: str, out_workdir: str,
   if target.exists() and any(target.iterdir()):
     raise FileExistsError(f"{target} already holds checkpoints; convert into a new --out")
   base_ckpt, base_step, base_saved = _lora_step(base_workdir, None)
-  base_ckpt.close()
+  try:
+    base_fingerprint = base_ckpt.fingerprint(base_step)
+  finally:
+    base_ckpt.close()
   model_cfg = saved_model_config(base_saved)
   expected = tensor_names(model_cfg, lora)
   with hf.safetensors_module().safe_open(os.fspath(weights_path), framework="numpy") as f:
@@ -190,9 +192,7 @@ def import_adapter(adapter_dir: str, base_workdir: str, out_workdir: str,
     adapters = from_peft({name: f.get_tensor(name) for name in expected}, model_cfg, lora)
   adapters = jax.tree.map(lambda x: x.astype(np.dtype(jax.numpy.dtype(model_cfg.param_dtype))), adapters)
   base_dir = os.fspath(files.path(base_workdir))
-  base_ckpt = ckpt_lib.Checkpointer(base_dir, read_only=True)
-  record = {"path": base_dir, "step": base_step, "fingerprint": base_ckpt.fingerprint(base_step)}
-  base_ckpt.close()
+  record = {"path": base_dir, "step": base_step, "fingerprint": base_fingerprint}
   saved = {"model": dataclasses.asdict(model_cfg),
            "diffusion": {"mask_token_id": base_saved["diffusion"]["mask_token_id"]},
            "mesh": base_saved.get("mesh") or dataclasses.asdict(mesh), "lora": dataclasses.asdict(lora),
