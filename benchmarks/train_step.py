@@ -79,7 +79,7 @@ def time_steps(s: train.Setup, *, warmup: int, steps: int, profile_dir: str | No
   config = s.config
   state = s.init(train.root_key(config))
   if s.init_base is not None:
-    state = state.replace(base=s.init_base(jax.random.key(1)))
+    state = s.attach_base(state, s.init_base(jax.random.key(1)), fresh=True)
   batch = train.global_batch(s, random_batch(config, config.train.batch_size // jax.process_count()))
   times = []
   with sharding.use_rules(config.mesh, s.mesh):

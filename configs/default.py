@@ -66,6 +66,8 @@ def base() -> ml_collections.ConfigDict:
                              # v_proj attn_out ff_gate ff_up ff_down (d1's four that LLaDA has)
   lo.rslora = False          # rank-stabilised scaling alpha / sqrt(rank)
   lo.base_dtype = ""         # dtype of the frozen base weights ("" = model.param_dtype; "bfloat16" halves them)
+  lo.trainable_tokens = ()   # tokens whose embedding row and output-head column also train (PEFT's
+                             # trainable_token_indices): ids or tokenizer pieces, e.g. ("<|eot_id|>",)
 
   c.optim = o = ml_collections.ConfigDict()
   o.peak_lr = 4e-4           # learning rate after warmup
@@ -162,11 +164,13 @@ def preference(c: ml_collections.ConfigDict, init_from: str = "", objective: str
 
 
 def lora(c: ml_collections.ConfigDict, rank: int, alpha: float, peak_lr: float,
-         targets: tuple[str, ...] | None = None) -> ml_collections.ConfigDict:
+         targets: tuple[str, ...] | None = None,
+         trainable_tokens: tuple[int | str, ...] = ()) -> ml_collections.ConfigDict:
   """LoRA on top of a fine-tuning config (REFERENCE §11): the base (`train.init_from`) frozen, adapters of
-  `rank` on `targets` (None: keep c.lora.targets) trained at `peak_lr` (adapters train at larger rates
-  than full fine-tuning)."""
-  c.lora.update(rank=rank, alpha=alpha, targets=c.lora.targets if targets is None else targets)
+  `rank` on `targets` (None: keep c.lora.targets) and the embedding/head rows of `trainable_tokens`
+  trained at `peak_lr` (adapters train at larger rates than full fine-tuning)."""
+  c.lora.update(rank=rank, alpha=alpha, targets=c.lora.targets if targets is None else targets,
+                trainable_tokens=trainable_tokens)
   c.optim.peak_lr = peak_lr
   return c
 

@@ -1,5 +1,7 @@
 """LoRA SFT of the README demo model on the built-in procedural chat set: configs/sft_demo.py with the
-pre-trained parameters frozen and rank-16 adapters on q, k, v and the up projection trained instead.
+pre-trained parameters frozen and rank-16 adapters on q, k, v and the up projection trained instead,
+plus the embedding and output-head rows of the chat template's three pieces, which the demo's
+pre-training never saw (without them the adapters cannot learn to end an answer with <|eot_id|>).
 
   llada-train --config=configs/demo.py --workdir=/tmp/llada_demo                 # pre-train first
   llada-train --config=configs/lora_sft_demo.py --workdir=/tmp/llada_demo_lora   # then LoRA SFT from it
@@ -18,4 +20,5 @@ def get_config():
   c.data.update(num_documents=5000)
   c.train.update(num_steps=300, checkpoint_every=100)
   c = default.sft(c, init_from="/tmp/llada_demo")
-  return default.lora(c, rank=16, alpha=32.0, peak_lr=2e-3)
+  return default.lora(c, rank=16, alpha=32.0, peak_lr=2e-3,
+                      trainable_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))

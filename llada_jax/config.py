@@ -198,6 +198,11 @@ class LoraConfig:
   `rslora`). The base weights are held in `base_dtype` ('' = model.param_dtype), the adapters and their
   optimizer state in model.param_dtype; checkpoints store the adapters and a fingerprint of the base.
   The default targets are the four of d1's GRPO runs that exist in LLaDA (q, k, v and the up projection).
+
+  `trainable_tokens` (PEFT's `trainable_token_indices`) also trains the input-embedding row and output-head
+  column of a few tokens, e.g. chat-template pieces the base never saw: token ids, or tokenizer pieces
+  such as "<|eot_id|>" that a run resolves to ids with its tokenizer before it builds anything
+  (`resolve_tokens`; the saved config holds the ids). Those rows start as the base's and replace them.
   """
 
   rank: int = 0
@@ -206,6 +211,7 @@ class LoraConfig:
   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "ff_up")
   rslora: bool = False
   base_dtype: str = ""
+  trainable_tokens: tuple[int | str, ...] = ()
 
   def __post_init__(self):
     s = "lora"
@@ -219,6 +225,22 @@ class LoraConfig:
       _fail(f"{s}.rslora", "True or False", self.rslora)
     if self.base_dtype not in ("",) + _DTYPES:
       _fail(f"{s}.base_dtype", f"'' (model.param_dtype) or one of {_DTYPES}", self.base_dtype)
+    tokens = self.trainable_tokens
+    if (not isinstance(tokens, tuple) or len(set(tokens)) != len(tokens)
+        or not all((isinstance(t, int) and not isinstance(t, bool) and t >= 0) or (isinstance(t, str) and t)
+                   for t in tokens)):
+      _fail(f"{s}.trainable_tokens", "a tuple of distinct token ids (>= 0) or tokenizer pieces", tokens)
+    if tokens and not self.enabled:
+      _fail(f"{s}.trainable_tokens", "() unless lora.rank > 0 (token rows train beside the adapters)", tokens)
+
+  @property
+  def token_ids(self) -> tuple[int, ...]:
+    """`trainable_tokens` as ids; pieces must have been resolved (`resolve_tokens`) first."""
+    pieces = [t for t in self.trainable_tokens if isinstance(t, str)]
+    if pieces:
+      raise ValueError(f"config field 'lora.trainable_tokens' still holds the piece {pieces[0]!r}: resolve it "
+                       "with the run's tokenizer (llada_jax.config.resolve_tokens) or give token ids")
+    return self.trainable_tokens
 
   @property
   def enabled(self) -> bool:
@@ -482,6 +504,22 @@ _SECTION_TYPES = {
     "optim": OptimConfig,
     "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
 }
+
+
+def resolve_tokens(config: Config, tok: Any) -> Config:
+  """`config` with `lora.trainable_tokens` as ids: pieces looked up in the tokenizer `tok`, every id checked
+  against the tokenizer and model.vocab_size. A piece the tokenizer lacks is an error naming it."""
+  lora, vocab = config.lora, min(config.model.vocab_size, tok.vocab_size)
+  ids = []
+  for t in lora.trainable_tokens:
+    i = tok.piece_to_id(t) if isinstance(t, str) else t
+    if i is None or not 0 <= i < vocab:
+      _fail("lora.trainable_tokens", f"token ids below {vocab} or pieces of the run's tokenizer "
+            f"({t!r} {'is not one of its pieces' if i is None else 'is out of range'})", lora.trainable_tokens)
+    ids.append(i)
+  if len(set(ids)) != len(ids):
+    _fail("lora.trainable_tokens", "distinct tokens (two entries name the same id)", lora.trainable_tokens)
+  return dataclasses.replace(config, lora=dataclasses.replace(lora, trainable_tokens=tuple(ids)))
 
 
 def _freeze(value: Any) -> Any:

@@ -11,8 +11,12 @@ on q_proj [4, heads 2, head_dim 2]: A is [4, 2], B is [2, 2, 2], scale 2; mergin
 
 Adapters are a pure dict beside the model's parameters, with the model's stacked-layer layout:
 `{"blocks": {target: {"lora_a": [layers, in..., r], "lora_b": [layers, r, out...]}}}`. Their logical axes
-are the adapted kernel's (so they shard like it) with the rank axis replicated. The model reads them
-through `Adapters` (llada_jax.model); `merge` folds them into the kernels for serving and export.
+are the adapted kernel's (so they shard like it) with the rank axis replicated. With
+`lora.trainable_tokens` (ids t_1..t_n) the tree also holds `{"tokens": {"embedding": [n, D],
+"lm_head": [D, n]}}`: rows that replace embedding[t_i] and columns that replace lm_head[:, t_i] (PEFT's
+trainable tokens), seeded from the base (`seed_tokens`) so step 0 is still the base model. The model
+reads the tree through `Adapters` (llada_jax.model); `merge` folds it into the weights for serving and
+export.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class Adapters(NamedTuple):
   scale: float
   dropout: float = 0.0
   rng: jax.Array | None = None
+  token_ids: tuple[int, ...] = ()  # the rows of tree["tokens"] (lora.token_ids)
+
+  @classmethod
+  def of(cls, tree: Any, lora: LoraConfig, rng: jax.Array | None = None) -> "Adapters":
+    """The adapters `tree` of config `lora`; `rng` turns dropout on (training)."""
+    return cls(tree, lora.scale, lora.dropout, rng, lora.token_ids)
 
 
 def kernel_shape(m: ModelConfig, target: str) -> tuple[int, ...]:
@@ -62,17 +72,28 @@ def shapes(m: ModelConfig, lora: LoraConfig) -> dict[str, dict[str, tuple[int, .
   return out
 
 
+def token_shapes(m: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+  """Shapes of the trainable token rows (an empty dict without `lora.trainable_tokens`)."""
+  n = len(lora.token_ids)
+  return {"embedding": (n, m.d_model), "lm_head": (m.d_model, n)} if n else {}
+
+
 def logical_axes(m: ModelConfig, lora: LoraConfig) -> dict:
-  """Logical axis names of the adapters (the same tree): the adapted kernel's, rank replicated."""
+  """Logical axis names of the adapters (the same tree): the adapted kernel's, rank replicated; token rows
+  shard their model axis like the embedding and head, the few tokens replicated."""
   out = {}
   for target in lora.targets:
     axes, n_in = KERNEL_AXES[target]
     out[target] = {"lora_a": ("layers", *axes[:n_in], None), "lora_b": ("layers", None, *axes[n_in:])}
-  return {"blocks": out}
+  tree = {"blocks": out}
+  if lora.token_ids:
+    tree["tokens"] = {"embedding": (None, "embed"), "lm_head": ("embed", None)}
+  return tree
 
 
 def init(m: ModelConfig, lora: LoraConfig, rng: jax.Array) -> dict:
-  """Fresh adapters: A uniform in +-1/sqrt(fan_in), B zero (jit with out_shardings to place them)."""
+  """Fresh adapters: A uniform in +-1/sqrt(fan_in), B zero (jit with out_shardings to place them). Token
+  rows start at zero here: `seed_tokens` copies the base's in before the first step."""
   dtype = jnp.dtype(m.param_dtype)
   out = {}
   for i, (target, s) in enumerate(shapes(m, lora).items()):
@@ -80,7 +101,32 @@ def init(m: ModelConfig, lora: LoraConfig, rng: jax.Array) -> dict:
     bound = 1.0 / math.sqrt(fan_in)
     a = jax.random.uniform(jax.random.fold_in(rng, i), s["lora_a"], jnp.float32, -bound, bound)
     out[target] = {"lora_a": a.astype(dtype), "lora_b": jnp.zeros(s["lora_b"], dtype)}
-  return {"blocks": out}
+  tree = {"blocks": out}
+  if lora.token_ids:
+    tree["tokens"] = {k: jnp.zeros(s, dtype) for k, s in token_shapes(m, lora).items()}
+  return tree
+
+
+def seed_tokens(adapters: dict, base: dict, lora: LoraConfig) -> dict:
+  """`adapters` with the trainable token rows set to the base model's (a fresh run's step 0)."""
+  if not lora.token_ids:
+    return adapters
+  ids = jnp.asarray(lora.token_ids, jnp.int32)
+  rows = adapters["tokens"]
+  return {**adapters, "tokens": {"embedding": base["embedding"][ids].astype(rows["embedding"].dtype),
+                                 "lm_head": base["lm_head"][:, ids].astype(rows["lm_head"].dtype)}}
+
+
+def with_tokens(embedding_VD: jax.Array, head_DV: jax.Array, adapters: Adapters | None
+                ) -> tuple[jax.Array, jax.Array]:
+  """The embedding and output head with the adapters' token rows (if any) in place of the base's. Each
+  forward writes a copy of both (sharded like them; 1 GiB each at the released 8B in bfloat16), which
+  keeps the head a plain matrix for the chunked loss and the samplers; merging (`merge`) removes it."""
+  if adapters is None or not adapters.token_ids:
+    return embedding_VD, head_DV
+  ids, rows = jnp.asarray(adapters.token_ids, jnp.int32), adapters.tree["tokens"]
+  return (embedding_VD.at[ids].set(rows["embedding"].astype(embedding_VD.dtype)),
+          head_DV.at[:, ids].set(rows["lm_head"].astype(head_DV.dtype)))
 
 
 def abstract(m: ModelConfig, lora: LoraConfig) -> dict:
@@ -108,9 +154,11 @@ def layer_delta(layer_tree: dict, target: str) -> jax.Array:
 
 def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
   """The base parameters with every adapter folded into its kernel: W + scale * A @ B, summed in
-  float32 and stored in W's dtype (for sampling speed and `llada-export --merge`)."""
+  float32 and stored in W's dtype, and the trainable token rows in place (for sampling speed and
+  `llada-export --merge`)."""
   blocks = dict(params["blocks"])
   for target in adapters["blocks"]:
     w = blocks[target]
     blocks[target] = (w.astype(jnp.float32) + lora.scale * layer_delta(adapters["blocks"], target)).astype(w.dtype)
-  return {**params, "blocks": blocks}
+  embedding, head = with_tokens(params["embedding"], params["lm_head"], Adapters.of(adapters, lora))
+  return {**params, "blocks": blocks, "embedding": embedding, "lm_head": head}

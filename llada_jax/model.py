@@ -164,14 +164,15 @@ class Transformer(nnx.Module):
     `return_hidden=True` returns (final normed hidden states [B, T, D], output head [D, V]) instead of
     logits (with `return_cache`, in the logits' place), for a loss that applies the head in chunks
     (`diffusion.chunked_scores`) or a sampler that needs a few positions' logits (`head_logits`).
-    `adapters` (llada_jax.lora) adds LoRA updates to the projections it holds; layer l's dropout key is
-    fold_in(adapters.rng, l).
+    `adapters` (llada_jax.lora) adds LoRA updates to the projections it holds (layer l's dropout key is
+    fold_in(adapters.rng, l)) and puts its trainable token rows in the embedding and output head.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     if cache is not None and cfg.causal:
       raise ValueError("the KV-cache path is for the bidirectional model (model.causal=False)")
-    x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dt)
+    embedding_VD, head_DV = lora_lib.with_tokens(self.embedding[...], self.lm_head[...], adapters)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
     positions_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BS = None if valid_BT is None else valid_BT.astype(bool)
@@ -205,7 +206,7 @@ class Transformer(nnx.Module):
       kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
 
     x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
-    out = (x_BTD, self.lm_head[...]) if return_hidden else head_logits(x_BTD, self.lm_head[...])
+    out = (x_BTD, head_DV) if return_hidden else head_logits(x_BTD, head_DV)
     return (out, kv_out) if return_cache else out
 
 

@@ -7,6 +7,11 @@ adapted module, `base_model.model.model.transformer.blocks.{i}.{module}.lora_A.w
 ff_proj = our ff_gate, up_proj = ff_up, ff_out = ff_down), and `adapter_config.json` (peft_type LORA, r,
 lora_alpha, target_modules, ...). Our adapters keep the model's kernel layout, A [in..., r] and
 B [r, out...]: a PEFT matrix is ours flattened and transposed, so the round trip is exact.
+
+Trainable token rows (lora.trainable_tokens) are PEFT's `trainable_token_indices` on both the input
+embedding and the untied output head, `{"wte": ids, "ff_out": ids}`, stored as
+`base_model.model.model.transformer.{wte,ff_out}.token_adapter.trainable_tokens_delta` [n, d_model]: the
+rows themselves (PEFT writes them over the base's rows; "delta" is only its name).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model.model.transformer.blocks."
 HF_MODULE = {ours: theirs for ours, theirs, _ in hf.BLOCK if ours in LORA_TARGETS}
 OURS = {theirs: ours for ours, theirs in HF_MODULE.items()}
+TOKEN_MODULE = {"embedding": "wte", "lm_head": "ff_out"}  # our token-row leaf -> the released module
+TOKEN_TENSOR = {ours: f"base_model.model.model.transformer.{theirs}.token_adapter.trainable_tokens_delta"
+                for ours, theirs in TOKEN_MODULE.items()}
 
 
 def tensor_names(m: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -40,6 +48,8 @@ def tensor_names(m: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]
       stem = f"{PREFIX}{i}.{HF_MODULE[target]}"
       out[f"{stem}.lora_A.weight"] = (lora.rank, fan_in)
       out[f"{stem}.lora_B.weight"] = (fan_out, lora.rank)
+  for leaf in lora_lib.token_shapes(m, lora):
+    out[TOKEN_TENSOR[leaf]] = (len(lora.token_ids), m.d_model)
   return out
 
 
@@ -52,6 +62,10 @@ def to_peft(adapters: Any, m: ModelConfig, lora: LoraConfig) -> dict[str, np.nda
       stem = f"{PREFIX}{i}.{HF_MODULE[target]}"
       out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, lora.rank).T)
       out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(lora.rank, -1).T)
+  if lora.token_ids:
+    rows = jax.device_get(adapters["tokens"])
+    out[TOKEN_TENSOR["embedding"]] = np.ascontiguousarray(rows["embedding"])
+    out[TOKEN_TENSOR["lm_head"]] = np.ascontiguousarray(np.asarray(rows["lm_head"]).T)  # ff_out rows [n, D]
   return out
 
 
@@ -64,7 +78,10 @@ def from_peft(tensors: dict[str, np.ndarray], m: ModelConfig, lora: LoraConfig) 
     a = [tensors[f"{stem(i)}.lora_A.weight"].T.reshape(shapes[target]["lora_a"][1:]) for i in range(m.num_layers)]
     b = [tensors[f"{stem(i)}.lora_B.weight"].T.reshape(shapes[target]["lora_b"][1:]) for i in range(m.num_layers)]
     out[target] = {"lora_a": np.stack(a), "lora_b": np.stack(b)}
-  return {"blocks": out}
+  tree = {"blocks": out}
+  if lora.token_ids:
+    tree["tokens"] = {"embedding": tensors[TOKEN_TENSOR["embedding"]], "lm_head": tensors[TOKEN_TENSOR["lm_head"]].T}
+  return tree
 
 
 def adapter_config(lora: LoraConfig, base_model: str) -> dict[str, Any]:
@@ -73,7 +90,9 @@ def adapter_config(lora: LoraConfig, base_model: str) -> dict[str, Any]:
           "lora_dropout": lora.dropout, "target_modules": [HF_MODULE[t] for t in lora.targets], "bias": "none",
           "fan_in_fan_out": False, "use_rslora": lora.rslora, "use_dora": False, "modules_to_save": None,
           "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
-          "inference_mode": True, "base_model_name_or_path": base_model, "revision": None}
+          "inference_mode": True, "base_model_name_or_path": base_model, "revision": None,
+          "trainable_token_indices": ({m: list(lora.token_ids) for m in TOKEN_MODULE.values()}
+                                      if lora.token_ids else None)}
 
 
 def lora_config_from_peft(cfg: dict[str, Any], where: str) -> LoraConfig:
@@ -97,9 +116,17 @@ def lora_config_from_peft(cfg: dict[str, Any], where: str) -> LoraConfig:
     raise ValueError(f"{where}: target_modules={modules!r} must list LLaDA module names from "
                      f"{sorted(OURS)} (or be 'all-linear')")
   targets = tuple(t for t in LORA_TARGETS if HF_MODULE[t] in modules)  # our order
+  indices = cfg.get("trainable_token_indices") or {}
+  token_modules = sorted(TOKEN_MODULE.values())
+  if (not isinstance(indices, dict) or (indices and sorted(indices) != token_modules)
+      or len({tuple(v) for v in indices.values()}) > 1):
+    raise ValueError(f"{where}: trainable_token_indices={indices!r} is not supported: llada_jax trains a token's "
+                     f"embedding row and output-head row together, so it needs the same ids for both "
+                     f"{token_modules}, as {{'wte': ids, 'ff_out': ids}}")
   try:
     return LoraConfig(rank=need("r"), alpha=float(need("lora_alpha")), dropout=float(cfg.get("lora_dropout", 0.0)),
-                      targets=targets, rslora=bool(cfg.get("use_rslora", False)))
+                      targets=targets, rslora=bool(cfg.get("use_rslora", False)),
+                      trainable_tokens=tuple(indices.get("wte", ())))
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e
 
@@ -148,11 +175,13 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None, dtype
 
 
 def import_adapter(adapter_dir: str, base_workdir: str, out_workdir: str,
-                   mesh: MeshConfig = MeshConfig()) -> tuple[LoraConfig, dict[str, Any]]:
+                   mesh: MeshConfig = MeshConfig(), chat: bool | None = None) -> tuple[LoraConfig, dict[str, Any]]:
   """Writes a PEFT LoRA folder as a llada_jax LoRA workdir over `base_workdir` (a training or converted
   workdir of the model the adapter was made for): an Orbax step 0 holding the adapters, the base's
   record (path, step, fingerprint), a config with the `lora` section and `train.init_from` = the base,
-  and the base's tokenizer. `llada-sample` / `llada-chat` / `llada-export --merge` then read it.
+  and the base's tokenizer. `llada-sample` / `llada-chat` / `llada-export --merge` then read it. `chat`
+  marks the adapted model a chat model (prompts get the template: an SFT adapter over a base model);
+  None keeps the base's flag.
   Every tensor's name and shape is checked before anything is written. Returns (lora, base record)."""
   folder = files.path(adapter_dir)
   config_path, weights_path = folder / CONFIG_FILE, folder / ADAPTER_FILE
@@ -174,6 +203,12 @@ def import_adapter(adapter_dir: str, base_workdir: str, out_workdir: str,
   finally:
     base_ckpt.close()
   model_cfg = saved_model_config(base_saved)
+  if chat is not None:
+    model_cfg = dataclasses.replace(model_cfg, chat=chat)
+  beyond = [i for i in lora.token_ids if i >= model_cfg.vocab_size]
+  if beyond:
+    raise ValueError(f"{config_path}: trainable_token_indices holds id {beyond[0]}, beyond the vocabulary of "
+                     f"{model_cfg.vocab_size} of the base model in {base_workdir}")
   expected = tensor_names(model_cfg, lora)
   with hf.safetensors_module().safe_open(os.fspath(weights_path), framework="numpy") as f:
     found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -25,7 +25,7 @@ from flax import nnx
 from llada_jax import checkpoint as ckpt_lib, files, run_control
 from llada_jax import diffusion, lora as lora_lib, metrics as metrics_lib, model as model_lib, objectives, optim
 from llada_jax import serving, sharding
-from llada_jax.config import Config, architecture_fields
+from llada_jax.config import Config, architecture_fields, resolve_tokens, section_from_dict
 
 
 _LORA_DROPOUT_STREAM = 0x10A  # fold_in constant: adapter dropout draws apart from the objective's masks
@@ -64,6 +64,9 @@ class Setup:
   # LoRA only (else None): rng -> a random base model placed like TrainState.base (benchmarks, tests); a
   # run loads its base from train.init_from instead (`load_base`).
   init_base: Callable[[jax.Array], Any] | None = None
+  # LoRA only: (state, base, fresh) -> the state over that base; a `fresh` state (step 0, not restored) also
+  # takes its trainable token rows from the base (lora.seed_tokens).
+  attach_base: Callable[..., TrainState] | None = None
 
 
 def _score_fn(config: Config, graphdef, params, adapters: lora_lib.Adapters | None = None) -> diffusion.ScoreFn:
@@ -89,8 +92,7 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen:
   objective = objectives.of(config)
   if base is not None:
     dropout_rng = jax.random.fold_in(rng, _LORA_DROPOUT_STREAM) if training else None
-    policy = _score_fn(config, graphdef, base, lora_lib.Adapters(params, config.lora.scale, config.lora.dropout,
-                                                                 dropout_rng))
+    policy = _score_fn(config, graphdef, base, lora_lib.Adapters.of(params, config.lora, dropout_rng))
     reference = _score_fn(config, graphdef, base) if objective.reference else None
   else:
     policy = _score_fn(config, graphdef, params)
@@ -231,17 +233,22 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     eval_step = jax.jit(make_eval_step(config, graphdef),
                         in_shardings=(param_shardings, batch_sh, repl, frozen_sh, base_sh), out_shardings=repl)
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
-    init_base = None
+    init_base = attach_base = None
     if lora.enabled:
       init_base = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(base_dtype),
                                                    model_lib.init_params(config.model, rng)),
                           out_shardings=model_shardings)
+      seed = jax.jit(lambda p, b: lora_lib.seed_tokens(p, b, lora), out_shardings=param_shardings)
+
+      def attach_base(state: TrainState, base: Any, fresh: bool) -> TrainState:
+        state = state.replace(base=base)
+        return state.replace(params=seed(state.params, base)) if fresh and lora.token_ids else state
 
   def with_reference(state: TrainState) -> TrainState:
     return state.replace(frozen=copy(state.params)) if copies_reference else state
 
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, jit_step,
-               eval_step, objective, jit_step, with_reference, init_base)
+               eval_step, objective, jit_step, with_reference, init_base, attach_base)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
@@ -314,6 +321,16 @@ def _check_resume_config(config: Config, saved: dict, where: str) -> None:
                          f"at {where}; use a new --workdir or the checkpoint's value")
 
 
+def _check_resume_adapters(config: Config, saved: dict, where: str) -> None:
+  """Resuming a run: the LoRA fields that shape its trained tree (rank, targets, token rows) must match."""
+  before = section_from_dict("lora", saved.get("lora", {}))
+  for key in ("rank", "targets", "trainable_tokens"):
+    now, then = getattr(config.lora, key), getattr(before, key)
+    if now != then:
+      raise ValueError(f"config field 'lora.{key}'={now!r} differs from {then!r} in the checkpoint at {where} "
+                       "(the trained adapters have that shape); use a new --workdir or the checkpoint's value")
+
+
 def _init_params_from(config: Config, s: Setup, state: TrainState) -> TrainState:
   """Fine-tuning start: the latest parameters of `train.init_from`, a fresh optimizer and step 0."""
   source = ckpt_lib.Checkpointer(config.train.init_from, read_only=True)
@@ -363,6 +380,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
   data = objectives.training_data(config, workdir)
   tok = data.tokenizer
   _check_tokenizer(config, tok)
+  config = resolve_tokens(config, tok)  # lora.trainable_tokens pieces -> ids (the saved config keeps ids)
   if jax.process_index() == 0:
     print(data.description, flush=True)
     if data.unigram_entropy is not None:
@@ -375,7 +393,8 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
   control.attach(ckpt)
   restored = ckpt.restore_latest_good(
       s.abstract_state, data_iterator=data_iter,
-      check_config=lambda saved: _check_resume_config(config, saved, ckpt.directory),
+      check_config=lambda saved: (_check_resume_config(config, saved, ckpt.directory),
+                                  _check_resume_adapters(config, saved, ckpt.directory)),
       log=lambda line: print(line, file=sys.stderr, flush=True))
   if restored is not None:
     start, state = restored
@@ -388,7 +407,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
   base_record = None
   if config.lora.enabled:  # the adapters start fresh (or were restored); the base is read every time
     base, base_record = load_base(config, s, ckpt.base_record(start) if restored is not None else None)
-    state = state.replace(base=base)
+    state = s.attach_base(state, base, fresh=restored is None)
     if restored is None:
       print(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.targets)} over the frozen step "
             f"{base_record['step']} of {config.train.init_from}", flush=True)
@@ -441,6 +460,7 @@ def print_samples(config: Config, summary: dict[str, Any]) -> list[tuple[str, st
   """Completes the data's sample prompts with a run's final parameters (`summary` as returned by
   `train_and_evaluate`) and prints `sample: 'prompt' -> 'completion'` lines (process 0); returns the
   (prompt, completion) pairs. What `llada-train` shows after a finished run."""
+  config = summary["setup"].config  # as the run resolved it (lora.trainable_tokens as ids)
   results = sample_completions(config, summary["setup"], inference_params(config, summary["state"]),
                                summary["tokenizer"], summary["sample_prompts"])
   if jax.process_index() == 0:

@@ -25,6 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 4
 LORA = {"lora.rank": RANK, "lora.alpha": 8.0, "train.num_steps": 6, "train.checkpoint_every": 3,
         "train.num_samples": 0, "train.log_every": 1, "optim.warmup_steps": 1}
+TOKENS = {"lora.trainable_tokens": ("<|eot_id|>", 9)}  # a piece the run resolves (to 8) and an id
+TOKEN_IDS = (8, 9)
 
 
 def _leaves(tree):
@@ -41,24 +43,36 @@ def _same(a, b):
 def test_adapters_start_at_the_base_model_and_merge_into_the_same_function():
   m = config_lib.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=40,
                              mlp_pad_to=16, dtype="float32")
-  cfg = config_lib.LoraConfig(rank=3, alpha=6.0, targets=config_lib.LORA_TARGETS, rslora=True)
+  cfg = config_lib.LoraConfig(rank=3, alpha=6.0, targets=config_lib.LORA_TARGETS, rslora=True,
+                              trainable_tokens=(7, 2))
   assert cfg.scale == pytest.approx(6.0 / math.sqrt(3))
   graphdef, _ = model.abstract_model(m)
   params = model.init_params(m, jax.random.key(0))
   adapters = lora.init(m, cfg, jax.random.key(1))
   a = adapters["blocks"]["attn_out"]["lora_a"]
   assert a.shape == (2, 4, 8, 3) and float(jnp.abs(a).max()) <= 1 / math.sqrt(32)  # fan_in = heads x head_dim
-  tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 64)
+  adapters = lora.seed_tokens(adapters, params, cfg)  # token rows start as the base's
+  np.testing.assert_array_equal(adapters["tokens"]["embedding"][0], params["embedding"][7])
+  np.testing.assert_array_equal(adapters["tokens"]["lm_head"][:, 1], params["lm_head"][:, 2])
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 8, 64)  # neither token 2 nor 7 ...
   forward = jax.jit(lambda p, t, tree=None: model.apply(
-      graphdef, p, t, adapters=None if tree is None else lora.Adapters(tree, cfg.scale)))
+      graphdef, p, t, adapters=None if tree is None else lora.Adapters.of(tree, cfg)))
   base = forward(params, tokens)
   np.testing.assert_array_equal(forward(params, tokens, adapters),
-                                base)  # B = 0: exactly the base model
+                                base)  # B = 0, token rows = the base's: exactly the base model
   trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapters)
   unmerged = forward(params, tokens, trained)
   merged = forward(lora.merge(params, trained, cfg), tokens)
   assert float(jnp.abs(unmerged - base).max()) > 0.05  # every target moved the output
+  only_tokens = {**adapters, "tokens": trained["tokens"]}
+  moved = np.abs(np.asarray(forward(params, tokens, only_tokens) - base))
+  assert moved[..., [2, 7]].min() > 0 and np.delete(moved, [2, 7], axis=-1).max() == 0  # only their logits
+  with_7 = tokens.at[:, 3].set(7)  # ... until one is read: token 7's new embedding row changes the rest too
+  assert np.delete(np.abs(np.asarray(forward(params, with_7, only_tokens) - forward(params, with_7))), [2, 7],
+                   axis=-1).max() > 1e-3
   np.testing.assert_allclose(merged, unmerged, atol=2e-5)
+  np.testing.assert_allclose(forward(lora.merge(params, trained, cfg), with_7), forward(params, with_7, trained),
+                             atol=2e-5)
   # Merging is W + scale * A @ B, layer by layer, for a kernel with two input axes too.
   w = params["blocks"]["attn_out"][1]
   want = w + cfg.scale * np.einsum("nhr,rd->nhd", trained["blocks"]["attn_out"]["lora_a"][1],
@@ -83,10 +97,35 @@ def test_dropout_drops_adapter_inputs_only_while_training():
     ({"lora.rank": 4, "train.init_from": "/x", "lora.targets": ("q_proj", "w_gate")}, "'lora.targets'"),
     ({"lora.dropout": 1.0}, "'lora.dropout'"),
     ({"lora.base_dtype": "int8"}, "'lora.base_dtype'"),
+    ({"lora.trainable_tokens": (3,)}, "'lora.trainable_tokens' must be () unless lora.rank > 0"),
+    ({"lora.rank": 4, "train.init_from": "/x", "lora.trainable_tokens": (3, 3)}, "'lora.trainable_tokens'"),
+    ({"lora.rank": 4, "train.init_from": "/x", "lora.trainable_tokens": (-1,)}, "'lora.trainable_tokens'"),
 ])
 def test_bad_lora_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=re.escape(field)):
     tiny_config(**overrides)
+
+
+def test_trainable_token_pieces_resolve_with_the_tokenizer():
+  class Tok:
+    vocab_size = 100
+    piece_to_id = staticmethod({"<|eot_id|>": 8, "<|start_header_id|>": 6}.get)
+
+  cfg = tiny_config(**{"lora.rank": 4, "train.init_from": "/x", "lora.trainable_tokens": ("<|eot_id|>", 3)})
+  with pytest.raises(ValueError, match="resolve it"):
+    cfg.lora.token_ids
+  assert config_lib.resolve_tokens(cfg, Tok()).lora.token_ids == (8, 3)
+  for tokens, why in ((("<|nope|>",), "'<|nope|>' is not one of its pieces"), ((100,), "100 is out of range"),
+                      (("<|eot_id|>", 8), "two entries name the same id")):
+    bad = tiny_config(**{"lora.rank": 4, "train.init_from": "/x", "lora.trainable_tokens": tokens})
+    with pytest.raises(ValueError, match=re.escape(why)):
+      config_lib.resolve_tokens(bad, Tok())
+  ok = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+  assert peft.lora_config_from_peft({**ok, "trainable_token_indices": {"wte": [5, 1], "ff_out": [5, 1]}},
+                                    "x").trainable_tokens == (5, 1)
+  for indices in ([5, 1], {"wte": [5]}, {"wte": [5], "ff_out": [6]}):  # one side only: not expressible
+    with pytest.raises(ValueError, match="same ids for both"):
+      peft.lora_config_from_peft({**ok, "trainable_token_indices": indices}, "x")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +133,7 @@ def runs(tmp_path_factory, pretrained_workdir):
   """LoRA pre-training over the shared tiny base: one run of 6 steps (checkpoints at 3 and 6), and a copy
 of its workdir without step 6, resumed from step 3."""
   root = tmp_path_factory.mktemp("lora")
-  cfg = tiny_config(**LORA, **{"train.init_from": pretrained_workdir, "train.eval_every": 6})
+  cfg = tiny_config(**LORA, **TOKENS, **{"train.init_from": pretrained_workdir, "train.eval_every": 6})
   full = train.train_and_evaluate(cfg, str(root / "full"))
   shutil.copytree(root / "full", root / "resumed")
   shutil.rmtree(root / "resumed" / "checkpoints" / "6")
@@ -112,12 +151,21 @@ def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs, pretraine
   assert set(state.params["blocks"]) == set(cfg.lora.targets) and state.frozen is None
   for target in cfg.lora.targets:  # B started at zero and trained
     assert float(jnp.abs(state.params["blocks"][target]["lora_b"]).max()) > 0
+  assert s.config.lora.token_ids == TOKEN_IDS  # the piece resolved with the run's tokenizer, and saved so
+  assert json.loads((root / "full" / "config.json").read_text())["lora"]["trainable_tokens"] == list(TOKEN_IDS)
+  head = np.asarray(state.params["tokens"]["lm_head"]) - np.asarray(base["lm_head"])[:, list(TOKEN_IDS)]
+  assert np.abs(head).min(axis=0).max() > 0  # the token rows started at the base's and trained
   _same((resumed["state"].params, resumed["state"].opt_state, resumed["state"].step),
         (state.params, state.opt_state, state.step))
+  other = tiny_config(**LORA, **{"train.init_from": pretrained_workdir, "lora.trainable_tokens": (9,)})
+  with pytest.raises(ValueError, match=re.escape("'lora.trainable_tokens'=(9,) differs from (8, 9)")):
+    train.train_and_evaluate(other, str(root / "resumed"))  # other token rows than the checkpoint's: refused
   # A step holds the adapters and the base's record, never the base's arrays.
   ckpt = ckpt_lib.Checkpointer(str(root / "full"), read_only=True)
   record = json.loads((ckpt.directory / "6" / "integrity" / "metadata").read_text())
-  assert not any("embedding" in name or "['base']" in name for name in record["shapes"])
+  names = list(record["shapes"])
+  assert not any("['base']" in name or "['params']['embedding']" in name for name in names)
+  assert any("['params']['tokens']['embedding']" in name for name in names), names  # only the token rows
   assert ckpt.base_record(6) == {"path": pretrained_workdir, "step": PRETRAINED_STEPS,
                                  "fingerprint": source.fingerprint(PRETRAINED_STEPS)}
   scores = [json.loads(line) for line in (root / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -128,13 +176,16 @@ def test_lora_step_sharded_equals_one_device(devices, pretrained_workdir):
   runs_ = {}
   for name, devs in (("one", devices[:1]), ("eight", devices)):
     cfg = tiny_config(**LORA, **{"train.init_from": pretrained_workdir, "lora.targets": config_lib.LORA_TARGETS,
-                                 "lora.dropout": 0.1, "train.grad_accum_steps": 1})
+                                 "lora.dropout": 0.1, "train.grad_accum_steps": 1,
+                                 "lora.trainable_tokens": TOKEN_IDS})
     s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devs))
-    state = s.init(train.root_key(cfg)).replace(base=s.init_base(jax.random.key(5)))
+    state = s.attach_base(s.init(train.root_key(cfg)), s.init_base(jax.random.key(5)), fresh=True)
     if name == "eight":  # adapters shard like the kernels they adapt, the rank axis replicated
       q = state.params["blocks"]["q_proj"]
       assert q["lora_a"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
       assert state.base["blocks"]["q_proj"].sharding.spec[1] == "fsdp"
+      np.testing.assert_array_equal(state.params["tokens"]["embedding"],  # token rows seeded from the base
+                                    np.asarray(state.base["embedding"])[list(TOKEN_IDS)])
     rng = np.random.default_rng(0)
     batches = iter(lambda: {"tokens": rng.integers(5, 200, (8, 32)).astype(np.int32)}, None)
     runs_[name] = train.run_steps(s, state, batches, 2)
@@ -154,7 +205,8 @@ def test_lora_step_sharded_equals_one_device(devices, pretrained_workdir):
 
 
 def test_lora_workdir_serves_merged_exports_and_round_trips_through_peft(runs, pretrained_workdir, tmp_path):
-  cfg, full, _, root = runs
+  _, full, _, root = runs
+  cfg = full["setup"].config  # as the run resolved it: trainable tokens as ids
   state, workdir = full["state"], str(root / "full")
   merged = jax.device_get(lora.merge(state.base, state.params, cfg.lora))
   loaded = serving.load(workdir)
@@ -180,6 +232,9 @@ def test_lora_workdir_serves_merged_exports_and_round_trips_through_peft(runs, p
             "v_proj": m.num_kv_heads * m.head_dim, "up_proj": m.mlp_dim}
   pattern = re.compile(r"base_model\.model\.model\.transformer\.blocks\.(\d+)\.(\w+)\.lora_([AB])\.weight")
   seen = set()
+  for module in ("wte", "ff_out"):  # the trainable token rows: [n, d_model] under PEFT's trainable-tokens name
+    name = f"base_model.model.model.transformer.{module}.token_adapter.trainable_tokens_delta"
+    assert tensors.pop(name).shape == (len(TOKEN_IDS), m.d_model)
   for name, value in tensors.items():
     layer, module, part = pattern.fullmatch(name).groups()
     seen.add((int(layer), module, part))
@@ -188,13 +243,16 @@ def test_lora_workdir_serves_merged_exports_and_round_trips_through_peft(runs, p
   adapter_cfg = json.loads((tmp_path / "peft" / peft.CONFIG_FILE).read_text())
   assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == RANK and adapter_cfg["lora_alpha"] == 8.0
   assert adapter_cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "up_proj"]
+  assert adapter_cfg["trainable_token_indices"] == {"wte": list(TOKEN_IDS), "ff_out": list(TOKEN_IDS)}
   from safetensors import safe_open
   with safe_open(tmp_path / "peft" / peft.ADAPTER_FILE, framework="numpy") as f:
     assert f.metadata() == {"format": "pt"}  # what PyTorch loaders require
-  peft.import_adapter(str(tmp_path / "peft"), pretrained_workdir, str(tmp_path / "imported"))
+  peft.import_adapter(str(tmp_path / "peft"), pretrained_workdir, str(tmp_path / "imported"), chat=True)
   imported = ckpt_lib.Checkpointer(str(tmp_path / "imported"), read_only=True)
   _same(imported.restore_params(0, jax.eval_shape(lambda: state.params)), state.params)  # bit-exact
-  _same(serving.load(str(tmp_path / "imported")).params, loaded.params)
+  reloaded = serving.load(str(tmp_path / "imported"))
+  _same(reloaded.params, loaded.params)
+  assert reloaded.chat and not loaded.chat  # an SFT adapter over a base model can be marked a chat model
 
 
 def test_a_different_base_is_refused_in_one_line(runs, pretrained_workdir, tmp_path):
@@ -208,8 +266,8 @@ def test_a_different_base_is_refused_in_one_line(runs, pretrained_workdir, tmp_p
   meta.write_text(json.dumps(record))
   workdir = tmp_path / "run"
   shutil.copytree(root / "full", workdir)
-  overrides = [f"--config.{k}={v}" for k, v in LORA.items()] + [f"--config.train.init_from={other}",
-                                                                 "--config.train.num_steps=7"]
+  overrides = [f"--config.{k}={v}" for k, v in {**LORA, **TOKENS}.items()] + [
+      f"--config.train.init_from={other}", "--config.train.num_steps=7"]
   proc = subprocess.run([sys.executable, "-m", "llada_jax.cli.train", f"--config={REPO}/configs/tiny.py",
                          f"--workdir={workdir}", *overrides], capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -240,7 +298,7 @@ def test_vrpo_under_lora_uses_the_base_as_its_reference(sft_workdir):
   assert s.abstract_state.frozen is None  # no second copy of the weights
   base, _ = train.load_base(cfg, s)
   start = jax.device_get(base)  # (the step donates the state, base included, and hands it back)
-  state = s.init(train.root_key(cfg)).replace(base=base)
+  state = s.attach_base(s.init(train.root_key(cfg)), base, fresh=True)
   rng = np.random.default_rng(0)
   B, L = cfg.train.batch_size, cfg.train.seq_len
 

@@ -27,7 +27,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "keep", list(hf.DTYPES), "Parameter dtype: k
 _COMPUTE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                              "Activation dtype recorded in the config (model.dtype).")
 _INSTRUCT = flags.DEFINE_enum("instruct", "auto", ["auto", "true", "false"],
-                              "A chat model (prompts get the chat template)? auto: 'instruct' in the folder name.")
+                              "A chat model (prompts get the chat template)? auto: 'instruct' in the folder name "
+                              "(with --adapter: as the base model is).")
 
 
 @common.user_errors("llada-convert")
@@ -35,14 +36,14 @@ def main(argv):
   del argv
   if (_HF_DIR.value is None) == (_ADAPTER.value is None):
     raise app.UsageError("give exactly one of --hf_dir (a model) and --adapter (a PEFT LoRA adapter)")
+  instruct = None if _INSTRUCT.value == "auto" else _INSTRUCT.value == "true"
   if _ADAPTER.value is not None:
     if not _BASE.value:
       raise app.UsageError("--adapter needs --base=WORKDIR: the converted or trained workdir of its base model")
-    lora, record = peft.import_adapter(_ADAPTER.value, _BASE.value, _OUT.value)
+    lora, record = peft.import_adapter(_ADAPTER.value, _BASE.value, _OUT.value, chat=instruct)
     print(f"wrote {_OUT.value}: LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {', '.join(lora.targets)} over "
           f"step {record['step']} of {_BASE.value}")
     return 0
-  instruct = None if _INSTRUCT.value == "auto" else _INSTRUCT.value == "true"
   model = hf.import_checkpoint(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, compute_dtype=_COMPUTE.value,
                                instruct=instruct)
   m = model.model_config
