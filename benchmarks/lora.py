@@ -39,7 +39,8 @@ def main(argv):
   del argv
   if train_step._NUM_DEVICES.value:  # pylint: disable=protected-access
     train_step.common.fake_cpu_devices(train_step._NUM_DEVICES.value)  # pylint: disable=protected-access
-  base = config_lib.from_config_dict(train_step._CONFIG.value)  # pylint: disable=protected-access
+  base = config_lib.stand_in_tokens(  # pylint: disable=protected-access
+      config_lib.from_config_dict(train_step._CONFIG.value))
   steps, warmup = train_step._STEPS.value, train_step._WARMUP.value  # pylint: disable=protected-access
   steps = 0 if _PLAN_ONLY.value else steps
   t = base.train

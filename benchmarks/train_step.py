@@ -108,7 +108,7 @@ def main(argv):
   del argv
   if _NUM_DEVICES.value:
     common.fake_cpu_devices(_NUM_DEVICES.value)
-  config = config_lib.from_config_dict(_CONFIG.value)
+  config = config_lib.stand_in_tokens(config_lib.from_config_dict(_CONFIG.value))
   m, t = config.model, config.train
   device, n_dev = jax.devices()[0], jax.device_count()
   rev, today = _git_revision(), datetime.datetime.now(datetime.timezone.utc).date().isoformat()

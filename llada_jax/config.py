@@ -522,6 +522,17 @@ def resolve_tokens(config: Config, tok: Any) -> Config:
   return dataclasses.replace(config, lora=dataclasses.replace(lora, trainable_tokens=tuple(ids)))
 
 
+def stand_in_tokens(config: Config) -> Config:
+  """`config` with any `lora.trainable_tokens` pieces replaced by stand-in ids, for plans and benchmarks
+  without a tokenizer: shapes, memory and speed depend on how many tokens train, not on which."""
+  tokens = config.lora.trainable_tokens
+  if not any(isinstance(t, str) for t in tokens):
+    return config
+  free = iter(i for i in range(config.model.vocab_size) if i not in tokens)
+  ids = tuple(next(free) if isinstance(t, str) else t for t in tokens)
+  return dataclasses.replace(config, lora=dataclasses.replace(config.lora, trainable_tokens=ids))
+
+
 def _freeze(value: Any) -> Any:
   """Lists from JSON / ConfigDict become tuples so the dataclasses stay hashable and frozen."""
   if isinstance(value, (list, tuple)):

@@ -194,8 +194,10 @@ def test_lora_step_sharded_equals_one_device(devices, pretrained_workdir):
   assert h1[0]["loss"] != h1[1]["loss"]
   for a, b in zip(_leaves(s1.params), _leaves(s8.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  report = plan.dry_run(train.setup(tiny_config(**LORA, **{"train.init_from": "/x",
-                                                          "lora.base_dtype": "bfloat16"})))
+  planned = config_lib.stand_in_tokens(tiny_config(**LORA, **TOKENS, **{"train.init_from": "/x",
+                                                                        "lora.base_dtype": "bfloat16"}))
+  assert planned.lora.token_ids == (0, 9)  # --dry_run has no tokenizer: a piece gets a free stand-in id
+  report = plan.dry_run(train.setup(planned))
   full_ft = train.setup(tiny_config()).abstract_state  # full fine-tuning's bytes, from its placements
   full_params = sum(r.device_bytes for r in plan.leaf_placements(full_ft.params))
   full_opt = sum(r.device_bytes for r in plan.leaf_placements(full_ft.opt_state))

@@ -48,7 +48,7 @@ def main(argv):
     raise app.UsageError("--workdir is required to train")
   config = config_lib.from_config_dict(_CONFIG.value)
   if inspect_only:
-    s = train.setup(config)
+    s = train.setup(config_lib.stand_in_tokens(config))  # no tokenizer here: token pieces get stand-in ids
     if _PRINT_SHARDINGS.value:
       print(plan.shardings_table(s))
     if _DRY_RUN.value:
