@@ -460,7 +460,7 @@ def print_samples(config: Config, summary: dict[str, Any]) -> list[tuple[str, st
   """Completes the data's sample prompts with a run's final parameters (`summary` as returned by
   `train_and_evaluate`) and prints `sample: 'prompt' -> 'completion'` lines (process 0); returns the
   (prompt, completion) pairs. What `llada-train` shows after a finished run."""
-  config = summary["setup"].config  # as the run resolved it (lora.trainable_tokens as ids)
+  config = resolve_tokens(config, summary["tokenizer"])  # as the run did: lora.trainable_tokens as ids
   results = sample_completions(config, summary["setup"], inference_params(config, summary["state"]),
                                summary["tokenizer"], summary["sample_prompts"])
   if jax.process_index() == 0:

@@ -20,6 +20,13 @@ for _flag in _FLAGS:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def command_env(devices: int = 1) -> dict[str, str]:
+  """The environment for a command a test starts: this one's on the CPU, with `devices` host devices
+  (one by default: the 8 fake ones would only slow its compiles) and the fast-compile flag."""
+  flags = FAST_COMPILE if devices == 1 else f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
 # One compilation cache per test run, made by the first process (xdist's controller, or a plain
 # pytest) and inherited by the workers and by every command a test starts: the many tiny runs and
 # CLI processes compile the same programs. A hit cannot change a result: the key covers the program,

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import pytest
 
 import cli_forks
-from conftest import FAST_COMPILE
+from conftest import command_env
 from hf_fixtures import edit_json, write_hf_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ MODULES = {"llada-train": "llada_jax.cli.train", "llada-sample": "llada_jax.cli.
            "llada-convert": "llada_jax.cli.convert", "llada-export": "llada_jax.cli.export",
            "llada-tokenizer": "llada_jax.cli.tokenizer"}
 # One CPU device: conftest's 8 fake devices would only slow every start.
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+ENV = command_env()
 WORKERS = 3
 STEP = 2  # the one checkpoint of the trained workdir
 

@@ -7,14 +7,14 @@ import shutil
 import subprocess
 import sys
 
-from conftest import FAST_COMPILE
+from conftest import command_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script(script, *args):
   # One CPU device unless a run asks for more: conftest's 8 fake devices would only slow the compile.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+  env = command_env()
   r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_train_step_benchmark_sft_remat_two_devices():
 
 
 def _suite(*args, env=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"XLA_FLAGS": FAST_COMPILE} | (env or {})
+  env = command_env() | (env or {})
   return subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--smoke", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, tiny_config
+from conftest import command_env, tiny_config
 from llada_jax import checkpoint as ckpt_lib, sharding, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -93,7 +93,7 @@ def test_sigterm_during_startup_saves_the_first_step_and_the_run_resumes(tmp_pat
   cmd = [sys.executable, "-u", "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py",
          f"--workdir={workdir}", "--config.train.num_steps=5000", "--config.train.log_every=1",
          "--config.train.checkpoint_every=1000", "--config.train.num_samples=0"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
+  env = command_env(devices=2)
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   lines = _wait_for_line(proc, "pre-training data:")
   proc.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, tiny_config
+from conftest import command_env, tiny_config
 from llada_jax import objectives, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _start_two_processes(workdir, *extra, overrides=OVERRIDES):
   port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"}
+  env = command_env(devices=4)
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
   return [subprocess.Popen(
       [sys.executable, "-u", "-m", "llada_jax.cli.train", f"--config={CONFIGS}/tiny.py",

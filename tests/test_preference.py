@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, tiny_config
+from conftest import command_env, tiny_config
 from llada_jax import checkpoint as ckpt_lib, config as config_lib, diffusion, objectives, plan, sharding, train
 from llada_jax.configs import default
 
@@ -326,7 +326,7 @@ def _benchmark(script, *args):
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+  env = command_env()
   r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=repo, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
