@@ -3,7 +3,7 @@
 Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b (model
 shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
 `configs/pretrain_text.py`, ...). `sft(c)` turns a preset into its SFT counterpart, `preference(c)` into
-its VRPO / exact-DPO one, `lora(c, ...)` trains adapters instead of every parameter. Override any field on the command line:
+its VRPO / exact-DPO one, `grpo(c)` its diffu-GRPO one, `lora(c, ...)` trains adapters instead of every parameter. Override any field on the command line:
 `--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
 """
 
@@ -44,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion = d = ml_collections.ConfigDict()
   d.objective = "pretrain"   # pretrain (masked diffusion) | sft (prompt never masked) | ar (next token)
                              # | vrpo (preferences on ELBOs) | ar_dpo (exact DPO, causal baseline)
+                             # | grpo (RL with verifiable rewards, diffu-GRPO)
   d.mask_token_id = 4        # id of the mask token M; 4 for the built-in sentencepiece tokenizer
   d.noise_eps = 1e-3         # masking probability p = (1 - eps) * t + eps, t ~ U(0, 1)
   d.random_length_prob = 0.01  # fraction of batches cropped to a random length (REFERENCE §2)
@@ -56,6 +57,28 @@ def base() -> ml_collections.ConfigDict:
   pr.antithetic = True       # policy and reference share the timesteps and masks of each estimate
   pr.estimator = "t"         # t: p ~ U(eps, 1), each token masked w.p. p, weight 1/p (REFERENCE §2, §9);
                              # l: exactly l of L tokens masked, weight L/l (§5, lower variance)
+
+  c.grpo = g = ml_collections.ConfigDict()  # diffu-GRPO (REFERENCE §10); defaults: d1's GSM8K run
+  g.num_generations = 6      # G: completions sampled per prompt (train.batch_size counts completions)
+  g.inner_iterations = 12    # mu: optimizer updates per batch of rollouts (d1: 12 GSM8K/MATH, 8 countdown)
+  g.clip_eps = 0.5           # ratio clipping: min(r A, clip(r, 1 - eps, 1 + eps) A)
+  g.beta = 0.04              # weight of the k3 KL to the reference (0: no reference pass at all)
+  g.p_mask_prompt = 0.15     # one-pass estimator: each prompt token masked with this probability
+  g.scale_rewards = False    # divide advantages by the group's reward std (GRPO); d1 does not
+  g.ref_sync_every = 64      # reference := policy every this many steps (0: keep the starting model)
+  g.rewards = ("correct", "format")  # reward functions, summed: names in llada_jax.rewards or
+                             # 'package.module:function' of your own fn(prompt, completion, example) -> float
+  g.gen_length = 256         # rollouts: tokens generated per completion (train.seq_len = prompt + this)
+  g.steps = 128              # rollouts: reverse-process steps
+  g.block_length = 32        # rollouts: semi-autoregressive block length
+  g.temperature = 0.9        # rollouts: sampling temperature (held-out evaluation is greedy)
+  g.cfg_scale = 0.0          # rollouts: classifier-free guidance
+  g.remasking = "low_confidence"  # rollouts: low_confidence | random | margin | entropy
+  g.threshold = ml_collections.config_dict.placeholder(float)  # rollouts: Fast-dLLM parallel decoding
+  g.suppress_eos_logit = False     # rollouts: never predict EOS
+  g.suppress_eos_confidence = False  # rollouts: commit EOS / end of turn last
+  g.early_exit = False       # rollouts: stop a row once only EOS can follow
+  g.kv_cache = "none"        # rollouts: none | prefix | dual (Fast-dLLM's approximate cache)
 
   c.lora = lo = ml_collections.ConfigDict()  # LoRA fine-tuning (REFERENCE §11); any objective
   lo.rank = 0                # adapter rank; 0: off (every parameter trains). >0 freezes train.init_from's
@@ -85,7 +108,8 @@ def base() -> ml_collections.ConfigDict:
   o.mu_dtype = ""            # Adam first-moment dtype ("" = parameter dtype; "bfloat16" halves it)
 
   c.data = da = ml_collections.ConfigDict()
-  da.source = "procedural"   # procedural | text | jsonl | array_record | tfds (SFT: procedural | jsonl)
+  da.source = "procedural"   # procedural | text | jsonl | array_record | tfds (SFT: procedural | jsonl |
+                             # task; GRPO: task | jsonl): `task` is the built-in verifiable task
   da.paths = ()              # files or globs for text / jsonl / array_record sources
   da.eval_paths = ()         # held-out files for validation (train.eval_every); same format as paths
   da.text_field = "text"     # JSONL field holding a pre-training document
@@ -160,6 +184,20 @@ def preference(c: ml_collections.ConfigDict, init_from: str = "", objective: str
   c.model.causal = objective == "ar_dpo"
   c.train.init_from = init_from
   c.optim.update(warmup_steps=max(1, c.train.num_steps // 10), stage2_steps=0, decay_steps=0, weight_decay=0.0)
+  return c
+
+
+def grpo(c: ml_collections.ConfigDict, init_from: str = "") -> ml_collections.ConfigDict:
+  """The RL counterpart of a preset (REFERENCE §10): diffu-GRPO from `init_from` (an SFT run) on the
+  built-in verifiable task (data.source='task'; 'jsonl' for prompt files with an `answer` field), d1's
+  optimizer (AdamW 0.9/0.99, weight decay 0.1, clipping 0.2, a constant rate: d1's warmup is 0.01% of
+  its steps, under one update) and
+  held-out greedy accuracy as validation."""
+  c.diffusion.objective = "grpo"
+  c.train.init_from = init_from
+  c.data.source = "task"
+  c.optim.update(b1=0.9, b2=0.99, weight_decay=0.1, grad_clip_norm=0.2, stage2_steps=0, decay_steps=0,
+                 warmup_steps=0)
   return c
 
 

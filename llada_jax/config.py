@@ -15,7 +15,7 @@ from typing import Any, Mapping
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
-SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds")
+SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds", "task")
 RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "norm")
 
@@ -186,6 +186,71 @@ class PreferenceConfig:
     return self.budget // self.n_mask
 
 
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+  """RL with verifiable rewards: diffu-GRPO (d1; REFERENCE §10), `diffusion.objective='grpo'`. Others ignore it.
+
+  One train step: `num_generations` (G) completions of each of `train.batch_size / G` prompts sampled from
+  the current policy with the reverse process below; rewards = the sum of the `rewards` functions
+  (llada_jax.rewards: registered names or 'package.module:function'); advantages A = r - mean of the
+  prompt's group (/ its std with `scale_rewards`); then `inner_iterations` (mu) optimizer updates on those
+  rollouts, each with its own one-pass mask (every completion position, prompt tokens with probability
+  `p_mask_prompt`) shared by the old, reference and current log-probabilities, minimising the clipped
+  ratio loss (`clip_eps`) plus `beta` times the k3 KL to the frozen reference. The reference is the
+  starting model (under LoRA: the base with the adapters as they started), replaced by the policy every
+  `ref_sync_every` steps (0: never). `optim.*_steps` count optimizer updates: train steps x mu.
+  The rollouts' reverse process takes every option of `sampling.SamplingConfig` (held-out evaluation
+  runs the same options greedily); a row is `train.seq_len` long: the left-padded prompt, then
+  `gen_length` generated tokens. Defaults are d1's GSM8K run.
+  """
+
+  num_generations: int = 6
+  inner_iterations: int = 12
+  clip_eps: float = 0.5
+  beta: float = 0.04
+  p_mask_prompt: float = 0.15
+  scale_rewards: bool = False
+  ref_sync_every: int = 64
+  rewards: tuple[str, ...] = ("correct", "format")
+  gen_length: int = 256
+  steps: int = 128
+  block_length: int = 32
+  temperature: float = 0.9
+  cfg_scale: float = 0.0
+  remasking: str = "low_confidence"
+  threshold: float | None = None
+  suppress_eos_logit: bool = False
+  suppress_eos_confidence: bool = False
+  early_exit: bool = False
+  kv_cache: str = "none"
+
+  def __post_init__(self):
+    s = "grpo"
+    _check_int(s, "num_generations", self.num_generations, 2, 4096)  # one completion has no group to compare
+    _check_int(s, "inner_iterations", self.inner_iterations, 1, 1024)
+    _check_float(s, "clip_eps", self.clip_eps, 0.0, 1.0, lo_open=True)
+    _check_float(s, "beta", self.beta, 0.0, 1000.0)
+    _check_float(s, "p_mask_prompt", self.p_mask_prompt, 0.0, 1.0)
+    _check_int(s, "ref_sync_every", self.ref_sync_every, 0)
+    for name in ("scale_rewards",):
+      if not isinstance(getattr(self, name), bool):
+        _fail(f"{s}.{name}", "True or False", getattr(self, name))
+    if not isinstance(self.rewards, tuple) or not self.rewards or not all(isinstance(r, str) and r for r in self.rewards):
+      _fail(f"{s}.rewards", "a non-empty tuple of reward names (llada_jax.rewards) or 'module:function' specs",
+            self.rewards)
+    from llada_jax import sampling  # the reverse process's own checks, under this section's field names
+    try:
+      sampling.SamplingConfig(**self.sampling()).validate(1, 1 << 30)
+    except (TypeError, ValueError) as e:
+      raise ValueError(str(e).replace("sampling option '", f"config field '{s}.")) from None
+
+  def sampling(self, **overrides: Any) -> dict[str, Any]:
+    """The rollouts' `sampling.SamplingConfig` fields (with `overrides`, e.g. temperature=0.0 for evaluation)."""
+    names = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking", "threshold",
+             "suppress_eos_logit", "suppress_eos_confidence", "early_exit", "kv_cache")
+    return {**{n: getattr(self, n) for n in names}, **overrides}
+
+
 # The projections an adapter can wrap, by their parameter names in the model (llada_jax.model.Block).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_gate", "ff_up", "ff_down")
 
@@ -303,7 +368,10 @@ class DataConfig:
   conversations or pairs (`sft_format`), or the built-in procedural chat set (`procedural`). Preference
   objectives (vrpo, ar_dpo) read `jsonl` records with `chosen_field`/`rejected_field` responses, as a
   prompt (`sft_format='pairs'`) or a `messages` history ending with the user's turn, or the built-in
-  procedural preference set (`procedural`).
+  procedural preference set (`procedural`). RL (`diffusion.objective='grpo'`) reads prompts with checkable
+  answers: `jsonl` records holding a `messages` history ending with the user's turn or a `prompt_field`
+  string, and an `answer` for the rewards, or `task`, the built-in verifiable task about the corpus world
+  (llada_jax.data.tasks), whose solutions SFT also reads (`source='task'`) to teach the answer format.
   """
 
   source: str = "procedural"
@@ -457,6 +525,7 @@ class Config:
   diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
   preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -472,10 +541,21 @@ class Config:
     if self.data.tokenizer_vocab_size > m.vocab_size:
       _fail("data.tokenizer_vocab_size", f"at most model.vocab_size={m.vocab_size}",
             self.data.tokenizer_vocab_size)
-    if o.warmup_steps + o.stage2_steps + o.decay_steps > t.num_steps:
-      _fail("optim.warmup_steps", f"such that warmup+stage2+decay steps <= train.num_steps={t.num_steps}",
-            (o.warmup_steps, o.stage2_steps, o.decay_steps))
     objective = _objectives().get(self.diffusion.objective)
+    updates = t.num_steps * objective.inner_iterations(self)
+    if o.warmup_steps + o.stage2_steps + o.decay_steps > updates:
+      what = f"train.num_steps={t.num_steps}" + (f" x grpo.inner_iterations = {updates} optimizer updates"
+                                                  if updates != t.num_steps else "")
+      _fail("optim.warmup_steps", f"such that warmup+stage2+decay steps <= {what}",
+            (o.warmup_steps, o.stage2_steps, o.decay_steps))
+    if objective.name == "grpo":
+      g = self.grpo
+      if t.seq_len <= g.gen_length:
+        _fail("train.seq_len", f"more than grpo.gen_length={g.gen_length} (a rollout row is the prompt, then "
+              "gen_length generated tokens)", t.seq_len)
+      if t.batch_size % g.num_generations:
+        _fail("train.batch_size", f"a multiple of grpo.num_generations={g.num_generations} (rows are whole groups "
+              "of completions of one prompt)", t.batch_size)
     if objective.causal != m.causal:
       _fail("model.causal", f"{objective.causal} for diffusion.objective={objective.name!r} (causal objectives: "
             f"{[n for n in _objectives().names() if _objectives().get(n).causal]})", m.causal)
@@ -501,7 +581,7 @@ class Config:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "diffusion": DiffusionConfig, "preference": PreferenceConfig, "lora": LoraConfig,
-    "optim": OptimConfig,
+    "grpo": GrpoConfig, "optim": OptimConfig,
     "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
 }
 

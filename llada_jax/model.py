@@ -12,6 +12,7 @@ Hot paths use the model functionally: `nnx.split` once, then `apply(graphdef, pa
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax import attention, lora as lora_lib, sharding
+from llada_jax import attention, diffusion, lora as lora_lib, sharding
 from llada_jax.config import ModelConfig
 
 _REMAT = {
@@ -241,3 +242,21 @@ def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
 def count_params(params: Any) -> int:
   """Number of parameters in a (concrete or abstract) parameter tree."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def score_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, adapters: lora_lib.Adapters | None = None, *,
+             right_padded: bool = True) -> diffusion.ScoreFn:
+  """The model as a `diffusion.ScoreFn` (per-token CE). `right_padded` promises every row's valid tokens
+  are a prefix (training batches: packing, SFT pads and the random-length crop all keep it so), which
+  lets cuDNN attention take key lengths; left-padded rows (rollouts) pass False. The output head runs in
+  chunks of `cfg.loss_chunk_size` positions when > 0; `adapters`: LoRA updates over `params` (the base)."""
+  chunk = cfg.loss_chunk_size
+  call = functools.partial(apply, graphdef, params, right_padded=right_padded, adapters=adapters)
+  if not chunk:
+    return diffusion.from_logits(call)
+
+  def scores(tokens_BL, valid_BL, targets_BL):
+    x_BLD, head_DV = call(tokens_BL, valid_BL, return_hidden=True)
+    return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)
+
+  return scores

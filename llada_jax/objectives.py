@@ -3,8 +3,8 @@
 A record holds everything that differs between objectives, so the train step, the memory plan, the data
 pipeline, serving and the converters read the record instead of comparing objective names:
 
-  batch          the fields of a training batch: name -> `Field(rank, dtype)`; data builders yield them,
-                 `train.setup` shards them, `plan.dry_run` sizes them
+  batch          the fields of a training batch: name -> `Field(axes, dtype)`; data builders yield them
+                 (or a `driver` makes them), `train.setup` shards them, `plan.dry_run` sizes them
   loss           a pure function `(score_fn, batch, rng, *, config, reference) -> diffusion.LossOutput`
                  of a score function (llada_jax.diffusion.ScoreFn), the batch, a key, the run's Config and
                  the frozen reference model's score function (None unless `reference`)
@@ -15,8 +15,17 @@ pipeline, serving and the converters read the record instead of comparing object
   reference      whether the run holds a frozen reference model: a copy of the starting parameters
                  (`train.init_from`'s, else the fresh init) kept in `TrainState.frozen`, sharded like the
                  parameters, checkpointed and restored with them, never differentiated nor optimised
+  reference_adapters  under LoRA the reference is the base plus a frozen copy of the adapters as they
+                 started (so it can be re-synced to the policy), instead of the bare base
   training_data  `(config, workdir, *, process_index, process_count) -> pipeline.TrainingData`
   eval_batches   `(config, tokenizer, *, process_index, process_count) -> list of host batches`
+  inner_iterations  `config -> int`: optimizer updates per batch; a step with more than one scans over
+                 them, giving update i the batch with every 'inner' axis (the second) at index i
+  driver         None: the loop feeds each data batch to the jitted step (`train.SupervisedDriver`).
+                 Else `(setup, training_data) -> driver`, an object the loop calls as
+                 `driver(state, host_batch) -> (state, metrics)` and `driver.validate(state, eval_batches)`:
+                 on-policy RL makes its batches from the data's prompts with the current policy
+                 (llada_jax.rl).
 
 Adding an objective = one `register(Objective(...))` entry here, its data builder in llada_jax/data (or
 an existing one) and its tests; config validation, the step, the plan and serving pick it up.
@@ -30,16 +39,37 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from llada_jax import diffusion as diffusion_lib
+from llada_jax import diffusion as diffusion_lib, grpo as grpo_lib, rl
 from llada_jax.data import pipeline
+
+
+# The sizes a batch field's named axes take (`Field.shape`).
+AXIS_SIZES = {
+    "batch": lambda c: c.train.batch_size,        # rows
+    "length": lambda c: c.train.seq_len,          # positions of a row
+    "inner": lambda c: of(c).inner_iterations(c),  # one entry per optimizer update of the step
+    "completion": lambda c: c.grpo.gen_length,    # generated positions (the end of a rollout row)
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-  """One batch field: its rank (the leading axis is always the batch) and its numpy dtype."""
+  """One batch field: its named axes (the first is always 'batch'; names in AXIS_SIZES) and numpy dtype."""
 
-  rank: int
+  axes: tuple[str, ...]
   dtype: str
+
+  @property
+  def rank(self) -> int:
+    return len(self.axes)
+
+  @property
+  def inner(self) -> bool:
+    """Whether the field holds one entry per inner iteration (its second axis)."""
+    return self.axes[1:2] == ("inner",)
+
+  def shape(self, config) -> tuple[int, ...]:
+    return tuple(AXIS_SIZES[a](config) for a in self.axes)
 
 
 # (score_fn, batch, rng, *, config: config.Config, reference: ScoreFn | None) -> LossOutput
@@ -57,6 +87,9 @@ class Objective:
   training_data: Callable[..., pipeline.TrainingData]
   eval_batches: Callable[..., list]
   reference: bool = False
+  reference_adapters: bool = False
+  inner_iterations: Callable[[Any], int] = lambda config: 1
+  driver: Callable[..., Any] | None = None
 
   def batch_ranks(self) -> dict[str, int]:
     return {name: f.rank for name, f in self.batch.items()}
@@ -135,7 +168,8 @@ def _ar_dpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffu
                                            valid_BL=batch["valid"], beta=config.preference.beta)
 
 
-_PACKED = {"tokens": Field(2, "int32")}
+_ROWS, _ROW = ("batch", "length"), ("batch",)
+_PACKED = {"tokens": Field(_ROWS, "int32")}
 
 PRETRAIN = register(Objective(
     name="pretrain", batch=_PACKED, loss=_pretrain_loss, eval_metric="eval_ppl_bound", causal=False,
@@ -145,7 +179,7 @@ PRETRAIN = register(Objective(
 # prompt + response (EOS padding counts up to there, as in the reference's pad-to-batch-max, while shapes
 # stay static).
 SFT = register(Objective(
-    name="sft", batch={"tokens": Field(2, "int32"), "prompt_len": Field(1, "int32"), "valid": Field(2, "bool")},
+    name="sft", batch={"tokens": Field(_ROWS, "int32"), "prompt_len": Field(_ROW, "int32"), "valid": Field(_ROWS, "bool")},
     loss=_sft_loss, eval_metric="eval_ppl_bound", causal=False, chat=True,
     training_data=pipeline.sft_training_data, eval_batches=pipeline.sft_eval_batches))
 
@@ -156,8 +190,8 @@ AR = register(Objective(
 
 # Preference pairs: the chosen and the rejected response after one shared prompt, both EOS-padded to the
 # batch's common length (`valid`), as SFT rows are (llada_jax.data.preference).
-_PAIRS = {"chosen": Field(2, "int32"), "rejected": Field(2, "int32"), "prompt_len": Field(1, "int32"),
-          "valid": Field(2, "bool")}
+_PAIRS = {"chosen": Field(_ROWS, "int32"), "rejected": Field(_ROWS, "int32"), "prompt_len": Field(_ROW, "int32"),
+          "valid": Field(_ROWS, "bool")}
 
 # VRPO (LLaDA 1.5): DPO on ELBO estimates against a frozen reference (the starting SFT model), with the
 # sample budget, allocation and antithetic sharing of `config.preference`.
@@ -171,3 +205,29 @@ AR_DPO = register(Objective(
     name="ar_dpo", batch=_PAIRS, loss=_ar_dpo_loss, eval_metric=None, causal=True, chat=True,
     training_data=pipeline.preference_training_data, eval_batches=pipeline.preference_eval_batches,
     reference=True))
+
+
+def _grpo_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+  del rng, reference  # the masks and the reference's log-probabilities come with the rollouts (llada_jax.rl)
+  g = config.grpo
+  return grpo_lib.grpo_objective(
+      score_fn, tokens_BL=batch["tokens"], valid_BL=batch["valid"], masked_BL=batch["masked"],
+      completion_mask_BC=batch["completion_mask"], advantages_B=batch["advantages"],
+      old_logp_BC=batch["old_logp"], ref_logp_BC=batch["ref_logp"], mask_id=config.diffusion.mask_token_id,
+      clip_eps=g.clip_eps, beta=g.beta)
+
+
+# diffu-GRPO (d1): the batch is one step's scored rollouts, made by llada_jax.rl from the data's prompts:
+# rows [left-padded prompt | completion], the completion's loss mask, group advantages, and per inner
+# iteration the one-pass mask with the old policy's and the reference's log-probabilities under it.
+GRPO = register(Objective(
+    name="grpo", batch={"tokens": Field(_ROWS, "int32"), "valid": Field(_ROWS, "bool"),
+                        "completion_mask": Field(("batch", "completion"), "bool"),
+                        "advantages": Field(_ROW, "float32"),
+                        "masked": Field(("batch", "inner", "length"), "bool"),
+                        "old_logp": Field(("batch", "inner", "completion"), "float32"),
+                        "ref_logp": Field(("batch", "inner", "completion"), "float32")},
+    loss=_grpo_loss, eval_metric=None, causal=False, chat=True,
+    training_data=pipeline.rl_training_data, eval_batches=pipeline.rl_eval_batches,
+    reference=True, reference_adapters=True, inner_iterations=lambda config: config.grpo.inner_iterations,
+    driver=rl.GrpoDriver))

@@ -121,8 +121,7 @@ class MemoryReport:
 
 def abstract_batch(s: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """A training batch as ShapeDtypeStructs with the batch shardings of `s`."""
-  b, l = s.config.train.batch_size, s.config.train.seq_len
-  return {k: jax.ShapeDtypeStruct((b, l)[:f.rank], np.dtype(f.dtype), sharding=s.batch_shardings[k])
+  return {k: jax.ShapeDtypeStruct(f.shape(s.config), np.dtype(f.dtype), sharding=s.batch_shardings[k])
           for k, f in s.objective.batch.items()}
 
 

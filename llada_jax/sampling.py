@@ -472,6 +472,15 @@ def _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: Samplin
   return GenerateOutput(state.x_BL, state.commit_step_BL, state.steps_B)
 
 
+def reverse_process(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array,
+                    rng: jax.Array, *, cfg: SamplingConfig, mask_id: int, eos_id: int,
+                    eot_id: int | None) -> GenerateOutput:
+  """`generate` without its host-side checks, for callers that trace it into a jitted program of their own
+  (the RL rollouts, llada_jax.rl): check `cfg` with `SamplingConfig.validate` beforehand."""
+  return _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, cfg=cfg, mask_id=mask_id, eos_id=eos_id,
+                   eot_id=eot_id)
+
+
 def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
              mask_id: int, eos_id: int = 1, eot_id: int | None = None, rng: jax.Array | None = None,
              config: SamplingConfig | None = None, max_seq_len: int | None = None,

@@ -10,7 +10,6 @@ shown after training are the CLI's (`print_samples`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
 from typing import Any, Callable
@@ -70,19 +69,7 @@ class Setup:
 
 
 def _score_fn(config: Config, graphdef, params, adapters: lora_lib.Adapters | None = None) -> diffusion.ScoreFn:
-  """Per-token CE of the model on training batches (right-padded: packing, SFT pads and the
-  random-length crop all keep each row's valid tokens a prefix), with the output head chunked over the
-  sequence when `model.loss_chunk_size` > 0; `adapters`: LoRA updates over `params` (the base)."""
-  chunk = config.model.loss_chunk_size
-  apply = functools.partial(model_lib.apply, graphdef, params, right_padded=True, adapters=adapters)
-  if not chunk:
-    return diffusion.from_logits(apply)
-
-  def score_fn(tokens_BL, valid_BL, targets_BL):
-    x_BLD, head_DV = apply(tokens_BL, valid_BL, return_hidden=True)
-    return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)
-
-  return score_fn
+  return model_lib.score_fn(config.model, graphdef, params, adapters)
 
 
 def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen: Any = None,
@@ -93,7 +80,9 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen:
   if base is not None:
     dropout_rng = jax.random.fold_in(rng, _LORA_DROPOUT_STREAM) if training else None
     policy = _score_fn(config, graphdef, base, lora_lib.Adapters.of(params, config.lora, dropout_rng))
-    reference = _score_fn(config, graphdef, base) if objective.reference else None
+    # the base, or the base with the frozen adapters of an objective that keeps them (reference_adapters)
+    frozen_adapters = None if frozen is None else lora_lib.Adapters.of(jax.lax.stop_gradient(frozen), config.lora)
+    reference = _score_fn(config, graphdef, base, frozen_adapters) if objective.reference else None
   else:
     policy = _score_fn(config, graphdef, params)
     # The reference model scores with the policy's score function over its own (constant) parameters.
@@ -109,53 +98,72 @@ def _metric_sums(loss: jax.Array, out: diffusion.LossOutput) -> dict[str, jax.Ar
 
 def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable:
-  """The pure step. With `grad_accum_steps` > 1 the batch is split into micro-batches that a
-  `lax.scan` runs one after another, averaging gradients before the single optimizer update."""
+  """The pure step: one optimizer update on the batch, or, for an objective with inner iterations
+  (`objectives.Objective.inner_iterations`, e.g. GRPO's mu), a `lax.scan` of that many updates, update i
+  reading the batch's 'inner' fields at index i; metrics are their means (learning_rate: the last). With
+  `grad_accum_steps` > 1 each update splits its batch into micro-batches that a `lax.scan` runs one after
+  another, averaging gradients before the single optimizer update."""
   accum = config.train.grad_accum_steps
+  objective = objectives.of(config)
+  inner = objective.inner_iterations(config)
+  inner_fields = [name for name, f in objective.batch.items() if f.inner]
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, state.frozen, state.base),
-                                 has_aux=True)
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  def update(params, opt_state, batch: dict, rng: jax.Array, frozen, base, count: jax.Array):
+    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, frozen, base), has_aux=True)
     if accum == 1:
-      (loss, out), grads = grad_fn(state.params, batch, step_rng)
+      (loss, out), grads = grad_fn(params, batch, rng)
       sums = _metric_sums(loss, out)
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
       def body(carry, xs):
         i, mb = xs
-        (l, o), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        (l, o), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
         acc_g, acc_m = carry
         return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_m, _metric_sums(l, o))), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(jnp.zeros_like, params)
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, state.params, first, step_rng,
-                                                          state.frozen, state.base)))
+      shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, params, first, rng, frozen, base)))
       zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)
       # losses and objective metrics are means over micro-batches; the masked-token counts add up
       sums = {k: v if k in ("num_masked", "num_correct") else v / accum for k, v in sums.items()}
     loss, num_masked, num_correct = sums.pop("loss"), sums.pop("num_masked"), sums.pop("num_correct")
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/Inf anywhere in the grads reaches the norm
     if config.train.skip_nonfinite:
-      # A non-finite step leaves parameters and optimizer state as they were (the step counter and the
+      # A non-finite update leaves parameters and optimizer state as they were (the step counter and the
       # data still advance, so a resumed run stays in step with an uninterrupted one).
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
     metrics = {
         "loss": loss,
         "masked_accuracy": num_correct / jnp.maximum(num_masked, 1),
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(count),
         "nonfinite": (~finite).astype(jnp.float32),  # averaged over a log window: the share skipped
         **sums,  # the objective's own metrics (preference accuracy, reward margin, ...)
     }
+    return new_params, new_opt_state, metrics
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if not inner_fields:
+      params, opt_state, metrics = update(state.params, state.opt_state, batch, step_rng, state.frozen,
+                                          state.base, state.step)
+    else:
+      def body(carry, i):
+        p, o = carry
+        b = {k: v[:, i] if k in inner_fields else v for k, v in batch.items()}
+        p, o, m = update(p, o, b, jax.random.fold_in(step_rng, i), state.frozen, state.base, state.step * inner + i)
+        return (p, o), m
+
+      (params, opt_state), per_update = jax.lax.scan(body, (state.params, state.opt_state), jnp.arange(inner))
+      metrics = {k: v[-1] if k == "learning_rate" else v.mean(axis=0) for k, v in per_update.items()}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -198,15 +206,17 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   else:
     abstract_params, param_shardings, abstract_base = nnx.to_pure_dict(abstract_model_state), model_shardings, None
   base_sh = model_shardings if lora.enabled else None
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  objective = objectives.of(config)
+  # optimizer updates: an objective with inner iterations makes several per step
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps * objective.inner_iterations(config))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  objective = objectives.of(config)
-  # A reference model is sharded exactly like the parameters it copies; under LoRA it is the base itself.
-  copies_reference = objective.reference and not lora.enabled
+  # A reference model is sharded exactly like the parameters it copies; under LoRA it is the base itself,
+  # or (`reference_adapters`) the base with a frozen copy of the adapters.
+  copies_reference = objective.reference and (not lora.enabled or objective.reference_adapters)
   frozen_sh = param_shardings if copies_reference else None
   init_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
                               frozen=frozen_sh)
@@ -249,6 +259,26 @@ def setup(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
   return Setup(config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, batch_sh, init, jit_step,
                eval_step, objective, jit_step, with_reference, init_base, attach_base)
+
+
+class SupervisedDriver:
+  """How the loop runs an objective without a driver of its own (`objectives.Objective.driver`): each data
+  batch, sharded, goes to the jitted step; validation is `validate` on the held-out batches."""
+
+  def __init__(self, s: Setup, data: Any = None):
+    del data
+    self.s = s
+
+  def __call__(self, state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+    return self.s.step(state, global_batch(self.s, host_batch))
+
+  def validate(self, state: TrainState, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    return validate(self.s, state.params, batches, reference=state.frozen, base=state.base)
+
+
+def driver(s: Setup, data: Any) -> Any:
+  """The loop's step for `s`'s objective: its own driver (e.g. GRPO's rollouts), else `SupervisedDriver`."""
+  return (s.objective.driver or SupervisedDriver)(s, data)
 
 
 def batch_fields(config: Config) -> dict[str, int]:
@@ -409,6 +439,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
     base, base_record = load_base(config, s, ckpt.base_record(start) if restored is not None else None)
     state = s.attach_base(state, base, fresh=restored is None)
     if restored is None:
+      state = s.with_reference(state)  # (reference_adapters) the adapters as they start, token rows seeded
       print(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.targets)} over the frozen step "
             f"{base_record['step']} of {config.train.init_from}", flush=True)
   control.begin(start, resumed=restored is not None)
@@ -423,11 +454,12 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
       flops_per_step=metrics_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step,
       peak_flops=peak * s.mesh.size if peak else None)
   eval_batches = objectives.eval_batches(config, tok) if config.train.eval_every else []
+  run_step = driver(s, data)
   preempted = False
   watch = run_control.NonfiniteWatch(config.train, ckpt)
   with sharding.use_rules(config.mesh, s.mesh):
     for step in range(start, control.end):
-      state, m = s.step(state, global_batch(s, next(data_iter)))
+      state, m = run_step(state, next(data_iter))
       done = step + 1
       control.step_done(done)  # records saves completed meanwhile (never waits)
       watch.add(done, m["nonfinite"])  # checks the previous step's flag: the device stays busy
@@ -435,7 +467,7 @@ def _train(config: Config, workdir: str, control: run_control.RunControl) -> dic
       last_step = done == control.end or preempted
       logger.add(done, m, log_now=done % config.train.log_every == 0 or last_step)
       if eval_batches and (done % config.train.eval_every == 0 or done == config.train.num_steps):
-        scores = validate(s, state.params, eval_batches, reference=state.frozen, base=state.base)
+        scores = run_step.validate(state, eval_batches)
         writer.write(done, scores)
         logger.progress.print(done, scores)
       if (done % config.train.checkpoint_every == 0 or last_step) and watch.state_is_good(done):

@@ -52,6 +52,7 @@ class Case(NamedTuple):
 
 TINY = "--config={REPO}/configs/tiny.py"
 SFT_TINY = "--config={REPO}/configs/sft_tiny.py"
+GRPO_TINY = "--config={REPO}/configs/grpo_tiny.py"
 RUN = "--workdir={ROOT}/runs/{CASE}"  # a fresh workdir per case: nothing one case writes reaches another
 TRAIN = ("llada-train", TINY, RUN)
 SAMPLE = ("llada-sample", "--workdir={W}")
@@ -243,6 +244,14 @@ CASES = [
     Case("config_lora_unknown_token", "config value",
          (*TRAIN, "--config.lora.rank=4", "--config.train.init_from={W}", "--config.lora.trainable_tokens=('<|eom|>',)"),
          "'lora.trainable_tokens'", "'<|eom|>' is not one of its pieces"),
+    # RL: the rollouts' options, the reward functions.
+    Case("config_grpo_bad_remasking", "config value", ("llada-train", GRPO_TINY, RUN, "--config.grpo.remasking=lowest"),
+         "'grpo.remasking'", "one of ('low_confidence', 'random', 'margin', 'entropy')"),
+    Case("config_grpo_unknown_reward", "config value", ("llada-train", GRPO_TINY, RUN, "--config.grpo.rewards=('corect',)"),
+         "config field 'grpo.rewards' has an unknown reward function 'corect'", "'package.module:function'"),
+    Case("config_grpo_reward_raises", "config value",
+         ("llada-train", GRPO_TINY, RUN, "--config.grpo.rewards=('correct','math:sqrt')"),
+         "reward function 'math:sqrt' raised TypeError", "on completion 0"),
     Case("export_merge_not_lora", "checkpoint", ("llada-export", "--workdir={W}", "--out={ROOT}/runs/{CASE}", "--merge"),
          "--merge: {W} holds no LoRA adapters", "export it without --merge"),
     Case("export_adapter_not_lora", "checkpoint",

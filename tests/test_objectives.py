@@ -27,10 +27,19 @@ def _small(name: str, **overrides) -> config_lib.Config:
 
 
 def test_registry_holds_the_objectives():
-  assert objectives.names() == ("pretrain", "sft", "ar", "vrpo", "ar_dpo")
-  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True, False, True]
-  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False, True, True]
-  assert [objectives.get(n).reference for n in objectives.names()] == [False, False, False, True, True]
+  assert objectives.names() == ("pretrain", "sft", "ar", "vrpo", "ar_dpo", "grpo")
+  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True, False, True, False]
+  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False, True, True, True]
+  assert [objectives.get(n).reference for n in objectives.names()] == [False, False, False, True, True, True]
+  # only on-policy RL makes its own batches, several updates each, with a reference it can re-sync
+  assert [n for n in objectives.names() if objectives.get(n).driver] == ["grpo"]
+  assert [n for n in objectives.names() if objectives.get(n).reference_adapters] == ["grpo"]
+  c = tiny_config(**{"diffusion.objective": "grpo", "train.seq_len": 300, "grpo.inner_iterations": 3,
+                     "grpo.num_generations": 4})
+  assert [objectives.get(n).inner_iterations(c) for n in objectives.names()] == [1, 1, 1, 1, 1, 3]
+  shapes = {k: f.shape(c) for k, f in objectives.get("grpo").batch.items()}
+  assert shapes["old_logp"] == (8, 3, 256) and shapes["masked"] == (8, 3, 300) and shapes["advantages"] == (8,)
+  assert {k for k, f in objectives.get("grpo").batch.items() if f.inner} == {"masked", "old_logp", "ref_logp"}
   assert objectives.get("ar").eval_metric == "eval_ppl" and objectives.get("sft").eval_metric == "eval_ppl_bound"
   assert objectives.get("vrpo").eval_metric is None  # exp(a DPO loss) is no perplexity
 

@@ -85,8 +85,8 @@ def _one_line_hook(prog: str):
 
 def user_errors(prog: str):
   """Wraps an absl `main`: a ValueError / OSError (bad config, file, path), a usage error, the
-  ImportError of a missing optional extra or an errors.RunHalted (a failed checkpoint write, a
-  non-finite streak) becomes one line on stderr and exit code 1; `--verbose`
+  ImportError of a missing optional extra, an errors.RunHalted (a failed checkpoint write, a
+  non-finite streak) or an errors.RewardFailed (an RL reward function failed) becomes one line on stderr and exit code 1; `--verbose`
   shows the traceback instead. Orbax's per-save INFO logs are muted, and library log records keep
   their one-line message but drop their tracebacks (a failed background write logs one) unless
   `--verbose`."""
@@ -100,7 +100,7 @@ def user_errors(prog: str):
         sys.unraisablehook = lambda u: sys.excepthook(u.exc_type, u.exc_value, u.exc_traceback)
       try:
         return main(argv)
-      except (ValueError, OSError, ImportError, app.UsageError, errors.RunHalted) as e:
+      except (ValueError, OSError, ImportError, app.UsageError, errors.RunHalted, errors.RewardFailed) as e:
         if VERBOSE.value:
           raise
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line

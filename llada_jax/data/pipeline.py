@@ -4,10 +4,12 @@ Pre-training: documents (text, or already tokenized ids) are tokenized, EOS-term
 cut into `seq_len` chunks (packing, as in the paper); the 1% random-length crop happens later, in the
 loss module. SFT: conversations become (history -> answer) pairs rendered with the chat template
 (llada_jax.data.sft). Preference optimisation: (prompt, chosen, rejected) records become two rows over
-one shared prompt (llada_jax.data.preference). Each host reads its own shard (`jax.process_index()` of
-`jax.process_count()`) and yields `batch_size // process_count` rows, so the global batch is the per-host
-batch times the number of hosts. The iterator is a grain `DatasetIterator`: its state is saved in the same
-checkpoint step as the model, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+one shared prompt (llada_jax.data.preference). RL (diffu-GRPO): prompts with checkable answers become
+left-padded prompt rows, each repeated for its group of rollouts (llada_jax.data.tasks). Each host reads
+its own shard (`jax.process_index()` of `jax.process_count()`) and yields `batch_size // process_count`
+rows, so the global batch is the per-host batch times the number of hosts. The iterator is a grain
+`DatasetIterator`: its state is saved in the same checkpoint step as the model, so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
-from absl import flags
+from absl import flags, logging
 import numpy as np
 
-from llada_jax import files, hosts
+from llada_jax import files, hosts, rewards
 from llada_jax.config import Config, DataConfig
-from llada_jax.data import corpus, preference, sft, sources, tokenizer as tokenizer_lib
+from llada_jax.data import corpus, preference, sft, sources, tasks, tokenizer as tokenizer_lib
 
 
 def host_batch_size(global_batch: int, process_count: int | None = None) -> int:
@@ -91,19 +93,6 @@ class _JsonRestorableIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-class _Mapped:
-  """A random-access source with a function applied on access (picklable if `fn` is)."""
-
-  def __init__(self, parent: Sequence[Any], fn: Callable[[Any], Any]):
-    self._parent, self._fn = parent, fn
-
-  def __len__(self) -> int:
-    return len(self._parent)
-
-  def __getitem__(self, index: int) -> Any:
-    return self._fn(self._parent[index])
-
-
 def _pair_record(record: dict, prompt_field: str, response_field: str) -> dict:
   return sft.pairs_to_conversation(record[prompt_field], record[response_field])
 
@@ -121,19 +110,25 @@ def _validate_conversation(record: dict) -> str | None:
   return sft.validate_messages(record["messages"])
 
 
+_BUILT_IN = ("procedural", "task")  # sources whose tokenizer also learns the corpus's sentences
+
+
 def sft_conversations(cfg: DataConfig) -> Sequence[dict]:
-  """Random-access {'messages': [...]} conversations for SFT, from JSONL or the built-in set."""
+  """Random-access {'messages': [...]} conversations for SFT, from JSONL or a built-in set: the chat set
+  ('procedural') or the solutions of the RL task ('task', llada_jax.data.tasks)."""
   if cfg.source == "procedural":
     return sft.generate_conversations(cfg.num_documents, cfg.corpus_seed)
+  if cfg.source == "task":
+    return tasks.task_conversations(cfg.num_documents, cfg.corpus_seed, world_seed=cfg.corpus_seed, split="train")
   if cfg.source != "jsonl":
-    raise ValueError(f"config field 'data.source'='{cfg.source}' is not an SFT source; use 'jsonl' or "
-                     "'procedural' with diffusion.objective='sft'")
+    raise ValueError(f"config field 'data.source'='{cfg.source}' is not an SFT source; use 'jsonl', "
+                     "'procedural' or 'task' with diffusion.objective='sft'")
   if cfg.sft_format == "messages":
     return sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record, validate=_validate_conversation)
   fields = dict(prompt_field=cfg.prompt_field, response_field=cfg.response_field)
   records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
                                  validate=functools.partial(_validate_pair, **fields))
-  return _Mapped(records, functools.partial(_pair_record, **fields))
+  return tasks.Mapped(records, functools.partial(_pair_record, **fields))
 
 
 def _conversation_texts(conversations: Sequence[dict], limit: int) -> Iterator[str]:
@@ -223,7 +218,7 @@ def sft_training_data(config: Config, workdir: str, *, process_index: int | None
   d, t = config.data, config.train
   pi, pc, batch = _host(config, process_index, process_count)
   conversations = sft_conversations(d)
-  docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "procedural" else []
+  docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source in _BUILT_IN else []
   sentences = lambda: itertools.chain(corpus.iter_sentences(docs),
                                       _conversation_texts(conversations, d.tokenizer_train_docs))
   tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
@@ -244,6 +239,9 @@ def sft_eval_batches(config: Config, tok, *, process_index: int | None = None,
   pi, pc, batch = _host(config, process_index, process_count)
   if d.source == "procedural":
     conversations = sft.generate_conversations(_num_held_out(d), d.corpus_seed + 1, world_seed=d.corpus_seed)
+  elif d.source == "task":
+    conversations = tasks.task_conversations(_num_held_out(d), d.corpus_seed + 1, world_seed=d.corpus_seed,
+                                             split="heldout")
   else:
     conversations = sft_conversations(dataclasses.replace(d, paths=d.eval_paths))
   ds = sft.sft_dataset(conversations, tok, seq_len=t.seq_len, batch_size=batch, seed=0,
@@ -267,7 +265,7 @@ def preference_records(cfg: DataConfig) -> Sequence[dict]:
   fields = _preference_fields(cfg)
   records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
                                  validate=functools.partial(preference.validate_record, **fields))
-  return _Mapped(records, functools.partial(preference.to_messages_record, **fields))
+  return tasks.Mapped(records, functools.partial(preference.to_messages_record, **fields))
 
 
 def _preference_texts(records: Sequence[dict], limit: int) -> Iterator[str]:
@@ -319,6 +317,7 @@ def packed_training_data(config: Config, workdir: str, *, process_index: int | N
                          process_count: int | None = None) -> TrainingData:
   """Pre-training (and the causal baseline): documents packed into `seq_len` rows; field tokens."""
   d, t = config.data, config.train
+  _check_pretraining_source(d)
   pi, pc, batch = _host(config, process_index, process_count)
   tok_source = _tokenizer_source(config)
   entropy = None
@@ -349,6 +348,7 @@ def packed_training_data(config: Config, workdir: str, *, process_index: int | N
 def packed_eval_batches(config: Config, tok, *, process_index: int | None = None,
                         process_count: int | None = None) -> list[dict[str, np.ndarray]]:
   d, t = config.data, config.train
+  _check_pretraining_source(d)
   pi, pc, batch = _host(config, process_index, process_count)
   if d.source == "procedural":
     documents: Sequence[Any] = corpus.generate_documents(_num_held_out(d), d.corpus_seed + 1,
@@ -360,6 +360,96 @@ def packed_eval_batches(config: Config, tok, *, process_index: int | None = None
   ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
                       seed=0, process_index=pi, process_count=pc)
   return _first_batches(ds, t.eval_batches)
+
+
+def _check_pretraining_source(d: DataConfig) -> None:
+  if d.source == "task":
+    raise ValueError("config field 'data.source'='task' is the built-in RL task (prompts with checkable answers, "
+                     "for diffusion.objective='grpo' or 'sft'), not a pre-training corpus; pre-train on "
+                     "'procedural' (the same world) or files")
+
+
+def _rl_width(config: Config) -> int:
+  """Prompt positions of a rollout row: the row is the prompt, then grpo.gen_length generated tokens."""
+  width = config.train.seq_len - config.grpo.gen_length
+  if width < 1:
+    raise ValueError(f"config field 'train.seq_len'={config.train.seq_len} must be more than "
+                     f"grpo.gen_length={config.grpo.gen_length}: prompts get train.seq_len - grpo.gen_length "
+                     "positions")
+  return width
+
+
+def _prompt_texts(records: Sequence[dict], limit: int) -> Iterator[str]:
+  for i in range(min(len(records), limit)):
+    r = records[i]
+    yield from (m["content"] for m in r["messages"])
+    for field in ("answer", "solution"):
+      if isinstance(r.get(field), (str, int, float)):
+        yield str(r[field])
+
+
+def _check_answer_tags(tok, config: Config) -> None:
+  """Refuses a tokenizer that cannot write `<answer>42</answer>` when the task or a built-in reward needs
+  it: a sentencepiece model trained without the tag pieces turns '<' and '>' into unknown pieces, and
+  no completion could ever earn those rewards. Custom rewards may not read tags: a warning then."""
+  text = f"{tasks.ANSWER_OPEN}42{tasks.ANSWER_CLOSE}"
+  back = tok.decode(tok.encode(text))
+  if back == text:
+    return
+  why = (f"the tokenizer cannot write the answer tags: {text!r} decodes back as {back!r} (a sentencepiece "
+         "tokenizer trained before the tags became pieces; pre-train with a new one, or give "
+         "data.tokenizer_path a tokenizer that spells them)")
+  tagged = sorted(set(config.grpo.rewards) & set(rewards.TAGGED))
+  if config.data.source == "task" or tagged:
+    needs = ("data.source='task' asks for them" if config.data.source == "task" else
+             f"grpo.rewards {tagged} read them")
+    raise ValueError(f"{why}; {needs}")
+  logging.warning("%s; only a reward that does not read the tags can score completions", why)
+
+
+def rl_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+                     process_count: int | None = None) -> TrainingData:
+  """diffu-GRPO (grpo): prompts with checkable answers, left-padded to train.seq_len - grpo.gen_length
+  and repeated for their groups of grpo.num_generations rollouts; fields prompt, prompt_valid, example
+  (llada_jax.data.tasks.prompt_dataset). The rollouts themselves are made by the training loop."""
+  d, t, g = config.data, config.train, config.grpo
+  pi, pc, batch = _host(config, process_index, process_count)
+  records = tasks.prompt_records(d, split="train")
+  docs = corpus.generate_documents(d.num_documents, d.corpus_seed) if d.source == "task" else []
+  sentences = lambda: itertools.chain(corpus.iter_sentences(docs), _prompt_texts(records, d.tokenizer_train_docs))
+  tok = _shared_tokenizer(lambda: tokenizer_lib.load_or_train(
+      workdir, sentences, d.tokenizer_vocab_size, d.tokenizer_model_type, _tokenizer_source(config)))
+  _check_answer_tags(tok, config)
+  ds = tasks.prompt_dataset(records, tok, width=_rl_width(config), batch_size=batch, group_size=g.num_generations,
+                            seed=d.shuffle_seed, process_index=pi, process_count=pc)
+  prompts = [(tasks.question_of(records[i]), sft.render_prompt(records[i]["messages"], tok))
+             for i in range(min(t.num_samples, len(records)))]
+  return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
+                      f"RL prompts: {len(records)} problems ({d.source})", None, prompts)
+
+
+def rl_eval_batches(config: Config, tok, *, process_index: int | None = None,
+                    process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Held-out prompts, one row each (no groups), in order, each once: the task's held-out questions
+  (llada_jax.data.tasks.split_of) or data.eval_paths; `train.eval_batches` batches, fewer if the split runs
+  out. On several hosts every host takes as many batches as the smallest host share fills, so that all
+  of them validate the same number of batches."""
+  d, t = config.data, config.train
+  pi, pc, batch = _host(config, process_index, process_count)
+  width = _rl_width(config)
+  records = tasks.prompt_records(d, split="heldout")
+  ds = tasks.prompt_dataset(records, tok, width=width, batch_size=batch, group_size=1, seed=0,
+                            shuffle=False, repeat=False, process_index=pi, process_count=pc)
+  want = t.eval_batches if pc == 1 else min(t.eval_batches, len(records) // pc // batch)
+  out = list(itertools.islice(iter(ds), want))
+  if not out:
+    raise ValueError(f"too few held-out RL prompts: {len(records)} held-out prompts ({d.source}), shared by {pc} "
+                     f"host(s), fill no batch of {batch} rows (train.batch_size per host) that fit width "
+                     f"{width}; add held-out prompts or set train.eval_every=0")
+  if pc > 1 and len(out) < want:  # another host would validate more batches than this one
+    raise ValueError(f"host {pi} of {pc} fills {len(out)} held-out RL batches, fewer than the {want} every host "
+                     f"takes: its share has prompts longer than width {width} (train.seq_len - grpo.gen_length)")
+  return out
 
 
 def _num_held_out(d: DataConfig) -> int:

@@ -64,16 +64,21 @@ def _response(value: str | Message) -> str:
   return value["content"] if isinstance(value, dict) else value
 
 
-def _history_error(messages: Any) -> str | None:
-  """Why `messages` is not a prompt history (ends with the user's turn), or None."""
+def validate_history(messages: Any, *,
+                     answer: str = "the responses belong in the chosen and rejected fields") -> str | None:
+  """Why `messages` is not a prompt history (ends with the user's turn), or None. `answer` says where the
+  reply comes from instead, for the message about a history that ends with one.
+
+  Example: validate_history([{"role": "user", "content": "hi"}]) -> None; with an assistant message
+  appended -> "'messages' must end with the user's turn, got an 'assistant' message last (...)".
+  """
   if not isinstance(messages, (list, tuple)):
     return f"'messages': {sft.validate_messages(messages)}"
   if not messages:
     return "'messages' is empty (the prompt needs at least the user's turn)"
   last = messages[-1]
   if isinstance(last, dict) and last.get("role") == "assistant":
-    return ("'messages' must end with the user's turn, got an 'assistant' message last (the responses "
-            "belong in the chosen and rejected fields)")
+    return f"'messages' must end with the user's turn, got an 'assistant' message last ({answer})"
   if isinstance(last, dict) and last.get("role") == "system" and len(messages) == 1:
     return "'messages' has no user turn (only a system message)"
   # A history plus one answer is exactly a trainable SFT conversation: reuse its checks.
@@ -98,7 +103,7 @@ def validate_record(record: Any, *, fmt: str = "messages", prompt_field: str = "
   elif "messages" not in record:
     return f"no 'messages' field (the record has {sorted(record)[:8]})"
   else:
-    err = _history_error(record["messages"])
+    err = validate_history(record["messages"])
     if err is not None:
       return err
   for field in (chosen_field, rejected_field):

@@ -7,7 +7,10 @@ package trains) or a Hugging Face `tokenizer.json` with its config files (the re
 
 A sentencepiece tokenizer trained by this package fixes its special ids: pad 0, EOS 1, BOS 2, unk 3,
 mask `<|mask|>` 4 (the `diffusion.mask_token_id` default), a newline piece 5 (couplets keep their line
-break), then the chat-template pieces `<|start_header_id|>` 6, `<|end_header_id|>` 7, `<|eot_id|>` 8.
+break), then the chat-template pieces `<|start_header_id|>` 6, `<|end_header_id|>` 7, `<|eot_id|>` 8, then
+the answer tags of the RL tasks `<answer>` 9 and `</answer>` 10. The tags are pieces because the corpus
+never holds '<', which without byte fallback would encode as the unknown piece (decoded " ⁇ "): a policy
+could not write the answer its rewards read (llada_jax.rewards).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from llada_jax import files
 
 MASK_PIECE = "<|mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 TOKENIZER_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -193,10 +197,13 @@ class _Recorded:
 
 def _train(sentences: Iterable[str], buf: io.BytesIO, vocab_size: int, model_type: str,
            extra_pieces: Sequence[str]) -> None:
+  # New pieces go last: the ids of the earlier ones are fixed (see the module docstring). An extra piece
+  # that is already one of them (e.g. "<answer>" from an older command line) is not defined twice.
+  fixed = [MASK_PIECE, "\n", START_HEADER, END_HEADER, EOT, ANSWER_OPEN, ANSWER_CLOSE]
+  extra = list(dict.fromkeys(p for p in extra_pieces if p not in fixed))
   spm.SentencePieceTrainer.train(
       sentence_iterator=sentences, model_writer=buf, vocab_size=vocab_size, model_type=model_type,
-      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-      user_defined_symbols=[MASK_PIECE, "\n", START_HEADER, END_HEADER, EOT, *extra_pieces],
+      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID, user_defined_symbols=fixed + extra,
       normalization_rule_name="identity",
       remove_extra_whitespaces=False, add_dummy_prefix=False, character_coverage=1.0, split_digits=True, byte_fallback=False,
       hard_vocab_limit=False, num_threads=1, minloglevel=2)
