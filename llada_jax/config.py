@@ -246,9 +246,8 @@ class GrpoConfig:
 
   def sampling(self, **overrides: Any) -> dict[str, Any]:
     """The rollouts' `sampling.SamplingConfig` fields (with `overrides`, e.g. temperature=0.0 for evaluation)."""
-    names = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking", "threshold",
-             "suppress_eos_logit", "suppress_eos_confidence", "early_exit", "kv_cache")
-    return {**{n: getattr(self, n) for n in names}, **overrides}
+    from llada_jax import sampling  # imported here: sampling imports the model, which imports this module
+    return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(sampling.SamplingConfig)}, **overrides}
 
 
 # The projections an adapter can wrap, by their parameter names in the model (llada_jax.model.Block).

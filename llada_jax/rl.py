@@ -59,7 +59,6 @@ class GrpoDriver:
     self.reward_fns = rewards_lib.resolve(g.rewards)
     self.stop_ids = tuple(sorted(tokenizer_lib.stop_ids(self.tok)))
     eot_id = self.tok.piece_to_id(tokenizer_lib.EOT)
-    self.width = W = c.train.seq_len - g.gen_length
     C, mu, mask_id = g.gen_length, g.inner_iterations, c.diffusion.mask_token_id
     lora, graphdef, mesh = c.lora, s.graphdef, s.mesh
     self.rows = {n: sharding.batch_sharding(c.mesh, mesh, n) for n in (1, 2)}
@@ -70,30 +69,31 @@ class GrpoDriver:
       return sampling.reverse_process(graphdef, weights, prompt_BW, valid_BW, rng, cfg=cfg, mask_id=mask_id,
                                       eos_id=self.tok.eos_id, eot_id=eot_id).tokens_BL
 
-    def score_fn(params, base, adapters):
-      # left-padded rows: no cuDNN key lengths; no adapter dropout when scoring
+    def score_fn(weights, base):
+      # `weights`: the parameters, or under LoRA the adapters over `base`. Left-padded rows: no cuDNN key
+      # lengths; no adapter dropout when scoring.
       if lora.enabled:
-        return model_lib.score_fn(c.model, graphdef, base, lora_lib.Adapters.of(adapters, lora), right_padded=False)
-      return model_lib.score_fn(c.model, graphdef, params, right_padded=False)
+        return model_lib.score_fn(c.model, graphdef, base, lora_lib.Adapters.of(weights, lora), right_padded=False)
+      return model_lib.score_fn(c.model, graphdef, weights, right_padded=False)
 
     def prepare(params, frozen, base, tokens_BL, prompt_valid_BW, rng):
-      B, L = tokens_BL.shape
+      B = tokens_BL.shape[0]
       valid_BL = jnp.concatenate([prompt_valid_BW.astype(bool), jnp.ones((B, C), bool)], axis=1)
       keys = jax.random.split(rng, mu)
       masked_IBL = jax.vmap(lambda k: grpo_lib.one_pass_mask(k, valid_BL=valid_BL, num_completion=C,
                                                              p_mask_prompt=g.p_mask_prompt))(keys)
       logps = lambda fn, m_BL: grpo_lib.token_logps(fn, tokens_BL=tokens_BL, valid_BL=valid_BL, masked_BL=m_BL,
                                                     mask_id=mask_id, num_completion=C)[0]
-      policy = score_fn(params, base, params)
+      policy = score_fn(params, base)
       old_IBC = jax.lax.map(functools.partial(logps, policy), masked_IBL)
       if g.beta:
-        reference = score_fn(frozen, base, frozen)
+        reference = score_fn(frozen, base)
         ref_IBC = jax.lax.map(functools.partial(logps, reference), masked_IBL)
       else:  # no KL term: no reference pass (the 'kl' metric then measures the drift from the rollout policy)
         ref_IBC = old_IBC
       inner_first = lambda x: jnp.moveaxis(x, 0, 1)
       return {"tokens": tokens_BL, "valid": valid_BL,
-              "completion_mask": grpo_lib.completion_mask(tokens_BL[:, W:], stop_ids=self.stop_ids),
+              "completion_mask": grpo_lib.completion_mask(tokens_BL[:, -C:], stop_ids=self.stop_ids),
               "masked": inner_first(masked_IBL), "old_logp": inner_first(old_IBC), "ref_logp": inner_first(ref_IBC)}
 
     def reward_metrics(rewards_BF, completion_mask_BC):
@@ -120,7 +120,7 @@ class GrpoDriver:
 
   def _rewards(self, tokens: jax.Array, examples: np.ndarray) -> np.ndarray:
     """[local rows, functions]: each local row's completion decoded and scored (blocks until `tokens` exist)."""
-    completions = local_rows(tokens)[:, self.width:]
+    completions = local_rows(tokens)[:, -self.config.grpo.gen_length:]
     records = [json.loads(str(e)) for e in examples]
     texts = [sampling_text(self.tok, row, self.stop_ids) for row in completions]
     return rewards_lib.score(self.reward_fns, [tasks.question_of(r) for r in records], texts, records)

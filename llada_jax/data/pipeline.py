@@ -128,7 +128,7 @@ def sft_conversations(cfg: DataConfig) -> Sequence[dict]:
   fields = dict(prompt_field=cfg.prompt_field, response_field=cfg.response_field)
   records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
                                  validate=functools.partial(_validate_pair, **fields))
-  return tasks.Mapped(records, functools.partial(_pair_record, **fields))
+  return sources.Mapped(records, functools.partial(_pair_record, **fields))
 
 
 def _conversation_texts(conversations: Sequence[dict], limit: int) -> Iterator[str]:
@@ -265,7 +265,7 @@ def preference_records(cfg: DataConfig) -> Sequence[dict]:
   fields = _preference_fields(cfg)
   records = sources.JsonlRecords(cfg.paths, on_error=cfg.on_bad_record,
                                  validate=functools.partial(preference.validate_record, **fields))
-  return tasks.Mapped(records, functools.partial(preference.to_messages_record, **fields))
+  return sources.Mapped(records, functools.partial(preference.to_messages_record, **fields))
 
 
 def _preference_texts(records: Sequence[dict], limit: int) -> Iterator[str]:
@@ -370,13 +370,9 @@ def _check_pretraining_source(d: DataConfig) -> None:
 
 
 def _rl_width(config: Config) -> int:
-  """Prompt positions of a rollout row: the row is the prompt, then grpo.gen_length generated tokens."""
-  width = config.train.seq_len - config.grpo.gen_length
-  if width < 1:
-    raise ValueError(f"config field 'train.seq_len'={config.train.seq_len} must be more than "
-                     f"grpo.gen_length={config.grpo.gen_length}: prompts get train.seq_len - grpo.gen_length "
-                     "positions")
-  return width
+  """Prompt positions of a rollout row: the row is the prompt, then grpo.gen_length generated tokens
+  (Config checks that train.seq_len leaves some)."""
+  return config.train.seq_len - config.grpo.gen_length
 
 
 def _prompt_texts(records: Sequence[dict], limit: int) -> Iterator[str]:

@@ -311,6 +311,22 @@ class TextSource:
             f"{self.num_skipped} skipped)")
 
 
+class Mapped:
+  """A random-access source with a function applied on access (picklable if `fn` is).
+
+  Example: Mapped(["a", "b"], str.upper)[1] -> "B". JSONL readers use it to normalise records lazily.
+  """
+
+  def __init__(self, parent: Sequence[Any], fn: Callable[[Any], Any]):
+    self._parent, self._fn = parent, fn
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index: int) -> Any:
+    return self._fn(self._parent[index])
+
+
 class JsonlRecords:
   """One JSON object per non-empty line of `paths`; `__getitem__` returns the parsed dict.
 

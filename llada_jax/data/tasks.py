@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -133,22 +133,6 @@ def task_conversations(num: int, seed: int = 0, *, world_seed: int | None = None
 # Prompt records
 
 
-class Mapped:
-  """A random-access source with a function applied on access (picklable if `fn` is).
-
-  Example: Mapped(["a", "b"], str.upper)[1] -> "B". JSONL readers use it to normalise records lazily.
-  """
-
-  def __init__(self, parent: Sequence[Any], fn: Callable[[Any], Any]):
-    self._parent, self._fn = parent, fn
-
-  def __len__(self) -> int:
-    return len(self._parent)
-
-  def __getitem__(self, index: int) -> Any:
-    return self._fn(self._parent[index])
-
-
 _GENERATED = "the completion is what the policy generates"
 
 
@@ -234,7 +218,7 @@ def prompt_records(cfg: DataConfig, *, split: str = "train") -> Sequence[dict]:
                                  validate=lambda r: validate_prompt_record(r, **fields))
   if len(records) == 0:  # an empty source would make the endless loop spin forever
     raise ValueError(f"data.{'paths' if split == 'train' else 'eval_paths'}={paths!r} holds no prompt records")
-  return Mapped(records, _Normaliser(**fields))
+  return sources.Mapped(records, _Normaliser(**fields))
 
 
 class _Normaliser:
