@@ -17,7 +17,8 @@ from flax import nnx
 
 from llada_jax import model as model_lib
 # Shared with the diffusion sampler, so both validate and draw (temperature) identically.
-from llada_jax.sampling import GenerateOutput, _bad, _check_fits, _check_positive, _gumbel_argmax
+from llada_jax.sampling import (GenerateOutput, _bad, _check_fits, _check_positive, _gumbel_argmax,
+                                row_keys)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gen_length", "temperature", "mask_id", "eos_id",
@@ -33,6 +34,7 @@ def _generate_causal(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, gen_l
   valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, gen_length), bool)], axis=1)
   banned = ([mask_id] if mask_id is not None else []) + ([eos_id] if suppress_eos_logit else [])
   stop_ids = jnp.asarray([eos_id] + ([eot_id] if eot_id is not None else []), prompt_BP.dtype)
+  rng_B = row_keys(rng, B)
 
   def step(carry):
     i, x_BL, done_B, steps_B = carry
@@ -40,7 +42,11 @@ def _generate_causal(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, gen_l
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, P - 1 + i, axis=1, keepdims=False)
     if banned:
       logits_BV = logits_BV.at[:, jnp.asarray(banned)].set(-jnp.inf)
-    next_B = _gumbel_argmax(logits_BV, jax.random.fold_in(rng, i), temperature).astype(x_BL.dtype)
+    keys_B = jax.vmap(lambda k: jax.random.fold_in(k, i))(rng_B)  # a row draws from its own key only
+    uniform = lambda dtype, minval: jax.vmap(
+        lambda k: jax.random.uniform(k, logits_BV.shape[1:], dtype, minval=minval))(keys_B)
+    next_B = _gumbel_argmax(logits_BV, temperature, uniform)
+    next_B = next_B.astype(x_BL.dtype)
     next_B = jnp.where(done_B, eos_id, next_B)  # a finished row keeps its static shape, padded with EOS
     x_BL = jax.lax.dynamic_update_index_in_dim(x_BL, next_B, P + i, axis=1)
     steps_B = steps_B + (~done_B).astype(jnp.int32)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import diffusion, model as model_lib
+from llada_jax import diffusion, errors, model as model_lib
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 KV_CACHES = ("none", "prefix", "dual")
@@ -54,7 +54,7 @@ _SUPPRESSED = -1e30  # finite stand-in for a suppressed candidate's confidence
 
 
 def _bad(name: str, allowed: str, value: Any) -> None:
-  raise ValueError(f"sampling option '{name}' must be {allowed}; got {value!r}")
+  raise errors.OptionError(name, f"sampling option '{name}' must be {allowed}; got {value!r}")
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -68,9 +68,9 @@ def _check_fits(prompt_width: int, gen_length: int, max_seq_len: int) -> None:
     _bad("gen_length", f"less than model.max_seq_len={max_seq_len} (the prompt needs room too)", gen_length)
   if prompt_width + gen_length > max_seq_len:
     lower = f", or lower gen_length to at most {max_seq_len - prompt_width}" if prompt_width < max_seq_len else ""
-    raise ValueError(f"the prompt is {prompt_width} tokens long and gen_length={gen_length}: together more "
-                     f"than model.max_seq_len={max_seq_len}; shorten the prompt to at most "
-                     f"{max_seq_len - gen_length} tokens{lower}")
+    raise errors.OptionError("prompt", f"the prompt is {prompt_width} tokens long and gen_length={gen_length}: "
+                             f"together more than model.max_seq_len={max_seq_len}; shorten the prompt to at "
+                             f"most {max_seq_len - gen_length} tokens{lower}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +136,13 @@ def transfer_schedule(num_masked: int, steps: int) -> np.ndarray:
   return np.asarray([base + (i < extra) for i in range(steps)], np.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads token lists to a common length; returns tokens [B, Lp] and validity [B, Lp]."""
-  width = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to a common length (`width`, default the longest); returns tokens [B, Lp] and
+  validity [B, Lp]."""
+  longest = max(len(p) for p in prompts)
+  width = longest if width is None else width
+  if width < longest:
+    raise ValueError(f"left_pad: width {width} is shorter than the longest prompt ({longest} tokens)")
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   valid = np.zeros((len(prompts), width), bool)
   for i, p in enumerate(prompts):
@@ -178,19 +182,27 @@ def _argmax(x: jax.Array) -> jax.Array:
   return jax.lax.cond(jnp.isnan(jnp.sum(x)), lambda x: jnp.argmax(x, axis=-1), chunked, x)
 
 
-def _gumbel_argmax(logits_BLV: jax.Array, rng: jax.Array, temperature: float, *,
-                   noise_shape: tuple[int, ...] | None = None, take=lambda u: u) -> jax.Array:
-  """Greedy (temperature 0) or Gumbel-max choice over the vocabulary. The noise is drawn over
-  `noise_shape` (default: the logits' shape) and `take` picks the logits' positions out of it, so a
-  decision made over a slice of a window draws the same numbers as one over the whole window."""
+def _gumbel_argmax(logits_BLV: jax.Array, temperature: float, uniform) -> jax.Array:
+  """Greedy (temperature 0) or Gumbel-max choice over the vocabulary. `uniform(dtype, minval)` draws
+  the noise, one number per logit, in [minval, 1)."""
   if temperature == 0:
     return _argmax(logits_BLV)
-  shape = logits_BLV.shape if noise_shape is None else noise_shape
   if jax.config.jax_enable_x64:  # the release's float64 formula, exactly
-    u = take(jax.random.uniform(rng, shape, jnp.float64))
+    u = uniform(jnp.float64, 0.0)
     return _argmax(jnp.exp(logits_BLV.astype(jnp.float64)) / (-jnp.log(u)) ** temperature)
-  u = take(jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny))
+  u = uniform(jnp.float32, jnp.finfo(jnp.float32).tiny)
   return _argmax(logits_BLV - temperature * jnp.log(-jnp.log(u)))
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """The random keys of a batch's rows: `rng` itself when it already holds one key per row (shape
+  [batch]), else `fold_in(rng, row)`. A row draws only from its own key, so it samples the same whatever
+  it is batched with: row r of `generate(prompts, rng=key)` is what `keys[r] = fold_in(key, r)` gives."""
+  if rng.shape == (batch,):
+    return rng
+  if rng.shape:
+    raise ValueError(f"rng must be one key or one key per row ({batch}); got shape {rng.shape}")
+  return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))
 
 
 _PAIRWISE_RANKS = 1024  # up to this many positions a row, ranks by comparing every pair (else: sorting)
@@ -212,11 +224,10 @@ def _ranks(conf_BW: jax.Array) -> jax.Array:
   return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
 
 
-def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Array, *,
-                noise_shape: tuple[int, ...] | None = None, take=lambda u: u) -> jax.Array:
-  """Higher = commit sooner. Random draws are made like `_gumbel_argmax`'s noise."""
+def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, uniform) -> jax.Array:
+  """Higher = commit sooner. `uniform()` draws the random rule's numbers, one per position."""
   if rule == "random":
-    return take(jax.random.uniform(rng, x0_BL.shape if noise_shape is None else noise_shape, jnp.float32))
+    return uniform()
   if rule == "margin":
     top2 = jax.lax.top_k(probs_BLV, 2)[0]
     return top2[..., 0] - top2[..., 1]
@@ -225,16 +236,15 @@ def _confidence(probs_BLV: jax.Array, x0_BL: jax.Array, rule: str, rng: jax.Arra
   return jnp.take_along_axis(probs_BLV, x0_BL[..., None], axis=-1)[..., 0]
 
 
-def _decide(cfg: SamplingConfig, logits: "WindowLogits", x_BW, pos_W, *, P: int, L: int, i, rng, mask_id: int,
-            eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
+def _decide(cfg: SamplingConfig, logits: "WindowLogits", x_BW, pos_W, *, P: int, L: int, i, rng_B, origin_B,
+            mask_id: int, eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
   """One step inside a window of positions: which masked positions to commit, and to what.
 
   Only the current block of a row can commit, and it is the block of the row's first masked position:
   when the window is wider than a block, the output head and the decision (vocabulary argmax, softmax,
   confidences, ranks) run over that block's `block_length` positions of each row, gathered out of the
   window, instead of over every position of the window (a no-cache step sees the whole canvas, prompt
-  included), and the choices are scattered back. Random draws keep the window's shape, so every output
-  is the same as over the window.
+  included), and the choices are scattered back.
   """
   B, W = x_BW.shape
   K = cfg.block_length
@@ -242,37 +252,52 @@ def _decide(cfg: SamplingConfig, logits: "WindowLogits", x_BW, pos_W, *, P: int,
   # [block_end - K, block_end), so a K-wide slice of the window, clamped into it, holds them all.
   first_masked_B = jnp.min(jnp.where(x_BW == mask_id, pos_W, L), axis=1)
   block_end_B = P + ((first_masked_B - P) // K + 1) * K
-  decide = functools.partial(_decide_positions, cfg, block_end_B=block_end_B, i=i, rng=rng, mask_id=mask_id,
-                             eos_id=eos_id, eot_id=eot_id, schedule=schedule, steps_per_block=steps_per_block)
+  decide = functools.partial(_decide_positions, cfg, block_end_B=block_end_B, i=i, rng_B=rng_B, origin_B=origin_B,
+                             mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
+                             steps_per_block=steps_per_block)
   if K >= W:
-    return decide(logits.at(), x_BW, pos_W[None, :])
+    return decide(logits.at(), x_BW, jnp.broadcast_to(pos_W, (B, W)))
   idx_BK = jnp.clip(block_end_B - K - pos_W[0], 0, W - K)[:, None] + jnp.arange(K)
   take = lambda a: jnp.take_along_axis(a, idx_BK.reshape(idx_BK.shape + (1,) * (a.ndim - 2)), axis=1)
-  logits_BKV = logits.at(idx_BK)
-  commit_BK, x0_BK = decide(logits_BKV, take(x_BW), pos_W[idx_BK], noise_shape=(B, W, logits_BKV.shape[-1]),
-                            take=take)
+  commit_BK, x0_BK = decide(logits.at(idx_BK), take(x_BW), pos_W[idx_BK])
   rows_B1 = jnp.arange(B)[:, None]
   return jnp.zeros((B, W), bool).at[rows_B1, idx_BK].set(commit_BK), x_BW.at[rows_B1, idx_BK].set(x0_BK)
 
 
-def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_end_B, i, rng, mask_id: int,
-                      eos_id: int, eot_id: int | None, schedule, steps_per_block: int,
-                      noise_shape: tuple[int, ...] | None = None, take=lambda u: u):
-  """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`:
-  noise drawn over `noise_shape` (the window's) and picked out by `take`."""
+def _position_noise(rng_B, origin_B, pos_BW, shape: tuple[int, ...] = ()):
+  """`uniform(dtype, minval)` -> [B, W, *shape] numbers for positions `pos_BW`, each position's from
+  `fold_in(rng_B[b], pos - origin_B[b])`: its row's key and its offset from the row's first real token.
+  So a number depends on the row's key, the step (already folded into it) and the position in the
+  unpadded row only: not on the rows batched with it, the width the prompt is padded to, or the window a
+  step computes (a no-cache step, a cached one, `infill` and a lone row draw the same)."""
+  keys_BW = jax.vmap(lambda k, offsets: jax.vmap(lambda o: jax.random.fold_in(k, o))(offsets))(
+      rng_B, pos_BW - origin_B[:, None])
+
+  def uniform(dtype, minval=0.0):
+    draw = lambda k: jax.random.uniform(k, shape, dtype, minval=minval)
+    return jax.vmap(jax.vmap(draw))(keys_BW)
+
+  return uniform
+
+
+def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_end_B, i, rng_B, origin_B,
+                      mask_id: int,
+                      eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
+  """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`.
+  Row b's random numbers at step i come from `fold_in(rng_B[b], i)` (`_position_noise`)."""
   masked_BW = x_BW == mask_id
-  rng_noise, rng_conf = jax.random.split(jax.random.fold_in(rng, i))
+  keys_B2 = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i)))(rng_B)
   vocab_V = jnp.arange(logits_BWV.shape[-1])  # `where` over it fuses; `.at[..., id].set` copies the logits
   if cfg.suppress_eos_logit:
     logits_BWV = jnp.where(vocab_V == eos_id, -jnp.inf, logits_BWV)
   # The mask token is never a prediction (a trained model does not produce it; committing it would
   # leave the position masked). Excluded from the argmax only, so confidences are the release's.
-  x0_BW = _gumbel_argmax(jnp.where(vocab_V == mask_id, -jnp.inf, logits_BWV), rng_noise, cfg.temperature,
-                         noise_shape=noise_shape, take=take)
+  x0_BW = _gumbel_argmax(jnp.where(vocab_V == mask_id, -jnp.inf, logits_BWV), cfg.temperature,
+                         _position_noise(keys_B2[:, 0], origin_B, pos_BW, vocab_V.shape))
   x0_BW = x0_BW.astype(x_BW.dtype)
   probs_BWV = jax.nn.softmax(logits_BWV, axis=-1)
-  conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking, rng_conf,
-                        noise_shape=None if noise_shape is None else noise_shape[:2], take=take)
+  conf_BW = _confidence(probs_BWV, x0_BW, cfg.remasking,
+                        lambda: _position_noise(keys_B2[:, 1], origin_B, pos_BW)(jnp.float32))
   if cfg.suppress_eos_confidence:
     stop_BW = x0_BW == eos_id
     if eot_id is not None:
@@ -421,20 +446,32 @@ def _commit(state: DecodeState, logits: WindowLogits, window: Window, *, decide,
 
 
 def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: int, schedule,
-            windows: Sequence[Window], mask_id: int, eos_id: int, eot_id: int | None) -> DecodeState:
+            windows: Sequence[Window], mask_id: int, eos_id: int, eot_id: int | None,
+            observe=None) -> DecodeState:
   """THE decode loop, traced inside a sampler's jitted program: for each window, (a refresh step, then)
   `while` the window is open, one model call on the window and one `_commit`.
 
   `x_BL` holds mask_id wherever something is to be decoded; positions before `P` are the prompt (what
   guidance hides, where blocks start counting, never EOS for early exit). `schedule` gives each step's
-  transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`).
+  transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`). `rng`: one key,
+  or one per row (`row_keys`). `observe(step, x_BL)`, if given, runs on the host after every step (a
+  `jax.debug.callback`, in step order) with the step's index and the sequence it left: how a server
+  streams the answer filling in.
   """
   B, L = x_BL.shape
   steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
-  decide = functools.partial(_decide, cfg, P=P, L=L, rng=rng, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-                             schedule=schedule, steps_per_block=steps_per_block)
-  commit = functools.partial(_commit, decide=decide, P=P, mask_id=mask_id, eos_id=eos_id,
-                             early_exit=cfg.early_exit)
+  decide = functools.partial(_decide, cfg, P=P, L=L, rng_B=row_keys(rng, B),
+                             origin_B=jnp.argmax(valid_BL, axis=1),  # each row's first real token
+                             mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
+                             steps_per_block=steps_per_block)
+
+  def commit(state, logits, window):
+    state = _commit(state, logits, window, decide=decide, P=P, mask_id=mask_id, eos_id=eos_id,
+                    early_exit=cfg.early_exit)
+    if observe is not None:
+      jax.debug.callback(observe, state.step - 1, state.x_BL, ordered=True)
+    return state
+
   logits_of = _model_logits(graphdef, params, valid_BL, P=P, cfg_scale=cfg.cfg_scale, mask_id=mask_id)
   state = DecodeState(0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
   for w in windows:  # unrolled at trace time: each window has a static width
@@ -458,9 +495,9 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
 # --- Samplers: what to decode, in which windows ---------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mask_id", "eos_id", "eot_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mask_id", "eos_id", "eot_id", "observe"))
 def _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: SamplingConfig, mask_id: int,
-              eos_id: int, eot_id: int | None) -> GenerateOutput:
+              eos_id: int, eot_id: int | None, observe=None) -> GenerateOutput:
   B, P = prompt_BP.shape
   G = cfg.gen_length
   x_BL = jnp.concatenate([prompt_BP, jnp.full((B, G), mask_id, prompt_BP.dtype)], axis=1)
@@ -468,7 +505,8 @@ def _generate(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: Samplin
   steps_per_block = cfg.steps // (G // cfg.block_length)
   state = _decode(graphdef, params, x_BL, valid_BL, rng, cfg=cfg, P=P,
                   schedule=jnp.asarray(transfer_schedule(cfg.block_length, steps_per_block)),
-                  windows=_windows(cfg, P=P, L=P + G), mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+                  windows=_windows(cfg, P=P, L=P + G), mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                  observe=observe)
   return GenerateOutput(state.x_BL, state.commit_step_BL, state.steps_B)
 
 
@@ -483,13 +521,15 @@ def reverse_process(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, p
 
 def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
              mask_id: int, eos_id: int = 1, eot_id: int | None = None, rng: jax.Array | None = None,
-             config: SamplingConfig | None = None, max_seq_len: int | None = None,
+             config: SamplingConfig | None = None, max_seq_len: int | None = None, observe=None,
              **options: Any) -> GenerateOutput:
   """Runs the reverse process for a left-padded batch of prompts.
 
   Options are a `SamplingConfig` or its fields as keywords, e.g.
   `generate(gd, params, tokens, valid, mask_id=4, gen_length=32, steps=32, block_length=8)`.
-  Invalid options raise ValueError before compilation.
+  Invalid options raise ValueError before compilation. `rng`: one key (row r draws from
+  `fold_in(rng, r)`) or one key per row (`row_keys`). `observe(step, x_BL)`: a host function called after
+  every step (`_decode`); each distinct function compiles its own program.
   """
   cfg = dataclasses.replace(config or SamplingConfig(), **options)
   prompt_length = int(np.asarray(prompt_valid_BP).sum(axis=1).min()) if prompt_BP.shape[1] else 0
@@ -497,7 +537,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_v
   cfg.validate(prompt_length, max_seq_len if max_seq_len is not None else width + cfg.gen_length, width)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng, cfg=cfg,
-                   mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+                   mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, observe=observe)
 
 
 def strip_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:

@@ -26,7 +26,7 @@ import dataclasses
 import difflib
 from typing import Any, Mapping, Sequence
 
-from llada_jax import sampling
+from llada_jax import errors, sampling
 
 DEFAULT_GEN_LENGTH = 64  # tokens generated when gen_length is unset and the caller has no budget
 
@@ -101,7 +101,8 @@ def _coerce(option: Option, value: Any) -> Any:
   elif t is str and isinstance(value, str) and (not option.choices or value in option.choices):
     out = value
   if out is None:
-    raise ValueError(f"sampling option '{option.name}' must be {_what(option)}; got {value!r}")
+    raise errors.OptionError(option.name,
+                             f"sampling option '{option.name}' must be {_what(option)}; got {value!r}")
   return out
 
 
@@ -117,8 +118,8 @@ def parse(options: Mapping[str, Any], *, where: str = "sampling options",
     close = difflib.get_close_matches(name, list(NAMES) + list(others), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     rest = f"; {where} also takes {', '.join(others)}" if others else ""
-    raise ValueError(f"{where}: unknown option '{name}'{hint}; the sampling options are "
-                     f"{', '.join(NAMES)}{rest}")
+    raise errors.OptionError(name, f"{where}: unknown option '{name}'{hint}; the sampling options are "
+                             f"{', '.join(NAMES)}{rest}")
   return {o.name: _coerce(o, options[o.name]) if o.name in options else o.default for o in OPTIONS}
 
 
@@ -134,11 +135,12 @@ def resolve(options: Mapping[str, Any], *, budget: int | None = None) -> dict[st
   budget=6) -> gen_length = steps = 8, block_length = 4.
   """
   out = parse(options)
-  gen_length = out["gen_length"] or budget or DEFAULT_GEN_LENGTH
-  block_length = out["block_length"] or gen_length
-  if budget is not None:
+  unset = lambda name, derived: derived if out[name] is None else out[name]  # 0 is a value (refused later)
+  gen_length = unset("gen_length", budget or DEFAULT_GEN_LENGTH)
+  block_length = unset("block_length", gen_length)
+  if budget is not None and block_length > 0:
     gen_length = -(-gen_length // block_length) * block_length
-  out.update(gen_length=gen_length, block_length=block_length, steps=out["steps"] or gen_length)
+  out.update(gen_length=gen_length, block_length=block_length, steps=unset("steps", gen_length))
   return out
 
 

@@ -69,24 +69,31 @@ class LoadedModel:
   def is_causal(self) -> bool:
     return self.model_config.causal
 
-  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
-                   **options: Any) -> sampling.GenerateOutput:
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0, rng: jax.Array | None = None,
+                   width: int | None = None, observe=None, **options: Any) -> sampling.GenerateOutput:
     """`sampling.generate` for a diffusion model, `causal_sampling.generate_causal` for a causal one.
+
+    Row r draws its random numbers from `fold_in(key(seed), r)` alone, or from `rng` (one key, or one
+    per row: `sampling.row_keys`) when given. `width` left-pads the prompts wider than the longest (a
+    server's bucket; a row's output does not depend on it beyond float rounding). `observe(step, x_BL)`
+    is called on the host after every reverse-process step (diffusion models only).
 
     A causal model takes `gen_length`, `temperature` and `suppress_eos_logit`. It ignores `steps` and
     `block_length` (left to right is one token per step; ignoring them lets one call site, such as
     `llada-sample`, serve both kinds), and rejects every other reverse-process option set away from
     its default (e.g. `remasking='random'`), with a ValueError naming it.
     """
-    tokens, valid = sampling.left_pad(prompts, self.tokenizer.pad_id)
+    tokens, valid = sampling.left_pad(prompts, self.tokenizer.pad_id, width)
     common = dict(eos_id=self.tokenizer.eos_id, eot_id=self.tokenizer.piece_to_id(tokenizer_lib.EOT),
-                  rng=jax.random.key(seed), max_seq_len=self.model_config.max_seq_len)
+                  rng=jax.random.key(seed) if rng is None else rng, max_seq_len=self.model_config.max_seq_len)
     if self.is_causal:
+      if observe is not None:
+        raise ValueError("observe: a causal model samples left to right, with no reverse process to observe")
       return causal_sampling.generate_causal(self.graphdef, self.params, tokens, valid,
                                              mask_id=self.mask_id,
                                              **_causal_options(options), **common)
     return sampling.generate(self.graphdef, self.params, tokens, valid,
-                             mask_id=self.mask_id, **options, **common)
+                             mask_id=self.mask_id, observe=observe, **options, **common)
 
   def complete(self, prompts: Sequence[str], *, chat: bool | None = None, seed: int = 0,
                prompt_ids: Sequence[Sequence[int]] | None = None, **options: Any) -> list[Completion]:

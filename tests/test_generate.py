@@ -389,6 +389,38 @@ def test_temperature_is_reproducible_per_key_and_differs_across_keys(tiny):
   assert any(not np.array_equal(greedy, o) for o in [a[0]] + others)
 
 
+def test_a_row_samples_the_same_alone_in_any_batch_and_padded_wider(tiny):
+  """Row r draws from its own key (fold_in(rng, r), or rng[r]) and its offset from its first real token:
+  what a server needs to batch requests of different lengths and seeds (llada_jax.server)."""
+  prompt, valid = _prompts(*PADDED)
+  kw = dict(SEMI_AR, temperature=1.0, remasking="random")
+  batch = tiny.generate(prompt, valid, rng=jax.random.key(5), **kw)
+  P = prompt.shape[1]
+  for r in range(len(PADDED)):
+    alone, wide = _prompts(PADDED[r]), sampling.left_pad([PADDED[r]], 0, width=P + 3)
+    key = jax.random.fold_in(jax.random.key(5), r)[None]  # one key per row (a single key would be folded)
+    for tokens, ok in (alone, wide):
+      out = tiny.generate(tokens.astype(np.int32), ok, rng=key, **kw)
+      np.testing.assert_array_equal(out[0][0, tokens.shape[1]:], batch[0][r, P:])
+      np.testing.assert_array_equal(out[1][0, tokens.shape[1]:], batch[1][r, P:])
+  # One key per row, in another order: the rows follow their keys.
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(5), r) for r in (2, 0, 1)])
+  turned = tiny.generate(prompt[[2, 0, 1]], valid[[2, 0, 1]], rng=keys, **kw)
+  np.testing.assert_array_equal(turned[0], batch[0][[2, 0, 1]])
+
+
+def test_observe_sees_every_step_in_order(tiny):
+  prompt, valid = _prompts(*TWO)
+  seen = []
+  observe = lambda step, x: seen.append((int(step), np.asarray(x).copy()))
+  tokens, commit, _ = tiny.generate(prompt, valid, observe=observe, **SEMI_AR)
+  jax.effects_barrier()
+  assert [s for s, _ in seen] == list(range(SEMI_AR["steps"]))
+  np.testing.assert_array_equal(seen[-1][1], tokens)
+  for step, x in seen:  # after step s, exactly the positions committed at steps <= s are filled
+    np.testing.assert_array_equal(x != MASK, (commit <= step) | (commit == -1))
+
+
 def test_random_remasking_fills_every_mask(tiny):
   prompt, valid = _prompts(*PADDED)
   tokens, commit, steps = tiny.generate(prompt, valid, remasking="random", rng=jax.random.key(3), **SEMI_AR)

@@ -163,8 +163,10 @@ def test_sharded_update_equals_single_device(devices):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A GRPO setup on the tiny model, its data, a fresh initial state (a function: the step donates its
-  input) and the held-out batches."""
-  config = grpo_config()
+  input) and the held-out batches. Learning rate 1e-2: with it the greedy held-out reward of
+  test_a_tiny_run_learns_a_trivial_reward went 0 -> 1.0 within 8 steps for each of train.seed 0-5 (at
+  3e-3 for 3 of 5), so that test does not hang on one random stream."""
+  config = grpo_config(**{"optim.peak_lr": 1e-2})
   workdir = str(tmp_path_factory.mktemp("grpo_driver"))
   data = objectives.training_data(config, workdir)
   s = train.setup(config)
