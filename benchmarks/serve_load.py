@@ -120,8 +120,8 @@ def main(argv):
                "programs": int(_metric(url, "llada_compiled_programs"))}
         rows.append(row)
         print(f"{max_batch:>9} {clients:>7} {row['requests']:>8} {row['requests_per_s']:>8.2f} "
-              f"{row['tokens_per_s']:>9.1f} {row['canvas_tokens_per_s']:>9.1f} {row['p50_s']:>7.2f} {row['p99_s']:>7.2f} "
-              f"{row['rows_per_call']:>9.2f} {row['programs']:>8}", flush=True)
+              f"{row['tokens_per_s']:>9.1f} {row['canvas_tokens_per_s']:>9.1f} {row['p50_s']:>7.2f} "
+              f"{row['p99_s']:>7.2f} {row['rows_per_call']:>9.2f} {row['programs']:>8}", flush=True)
     finally:
       proc.terminate()
       proc.wait(timeout=120)

@@ -136,7 +136,8 @@ def transfer_schedule(num_masked: int, steps: int) -> np.ndarray:
   return np.asarray([base + (i < extra) for i in range(steps)], np.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to a common length (`width`, default the longest); returns tokens [B, Lp] and
   validity [B, Lp]."""
   longest = max(len(p) for p in prompts)
@@ -281,8 +282,7 @@ def _position_noise(rng_B, origin_B, pos_BW, shape: tuple[int, ...] = ()):
 
 
 def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_end_B, i, rng_B, origin_B,
-                      mask_id: int,
-                      eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
+                      mask_id: int, eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
   """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`.
   Row b's random numbers at step i come from `fold_in(rng_B[b], i)` (`_position_noise`)."""
   masked_BW = x_BW == mask_id
