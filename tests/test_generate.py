@@ -396,13 +396,13 @@ def test_a_row_samples_the_same_alone_in_any_batch_and_padded_wider(tiny):
   kw = dict(SEMI_AR, temperature=1.0, remasking="random")
   batch = tiny.generate(prompt, valid, rng=jax.random.key(5), **kw)
   P = prompt.shape[1]
-  for r in range(len(PADDED)):
-    alone, wide = _prompts(PADDED[r]), sampling.left_pad([PADDED[r]], 0, width=P + 3)
+  # Row 1 alone at its own width 2 (4 pads fewer), row 2 alone padded to P + 3 (5 pads more): each shape
+  # compiles its own program, so two cover both directions.
+  for r, (tokens, ok) in ((1, _prompts(PADDED[1])), (2, sampling.left_pad([PADDED[2]], 0, width=P + 3))):
     key = jax.random.fold_in(jax.random.key(5), r)[None]  # one key per row (a single key would be folded)
-    for tokens, ok in (alone, wide):
-      out = tiny.generate(tokens.astype(np.int32), ok, rng=key, **kw)
-      np.testing.assert_array_equal(out[0][0, tokens.shape[1]:], batch[0][r, P:])
-      np.testing.assert_array_equal(out[1][0, tokens.shape[1]:], batch[1][r, P:])
+    out = tiny.generate(tokens.astype(np.int32), ok, rng=key, **kw)
+    np.testing.assert_array_equal(out[0][0, tokens.shape[1]:], batch[0][r, P:])
+    np.testing.assert_array_equal(out[1][0, tokens.shape[1]:], batch[1][r, P:])
   # One key per row, in another order: the rows follow their keys.
   keys = jnp.stack([jax.random.fold_in(jax.random.key(5), r) for r in (2, 0, 1)])
   turned = tiny.generate(prompt[[2, 0, 1]], valid[[2, 0, 1]], rng=keys, **kw)
