@@ -1,8 +1,8 @@
 """`llada-serve`: real server processes on 127.0.0.1, driven by the `openai` client and by `httpx`.
 
-Two servers over conftest's shared SFT workdir (a chat model): `server` (max_batch 8, a 300 ms batching
-window) answers the equality, concurrency, streaming and bad-input tests; `small` (max_batch 1, a queue
-of 2) the overflow, disconnect and SIGTERM tests, SIGTERM last.
+Servers over conftest's shared SFT workdir (a chat model): `server` (max_batch 8, a 300 ms batching
+window) answers the equality, concurrency, streaming and bad-input tests; one with a 1 s request timeout
+the timeout test; `small` (max_batch 1, a queue of 2) the overflow, disconnect and SIGTERM test.
 """
 
 import concurrent.futures
@@ -36,15 +36,17 @@ def _free_port() -> int:
 class Server:
   """`python -m llada_jax.cli.serve` on a free port, ready once /health answers."""
 
-  def __init__(self, workdir: str, *flags: str):
+  def __init__(self, workdir: str, log: str, *flags: str):
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    self.proc = subprocess.Popen([sys.executable, "-m", "llada_jax.cli.serve", f"--workdir={workdir}",
-                                  f"--port={self.port}", f"--model_name={NAME}", *flags],
-                                 env=command_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.log = log  # its stderr, in a file: a pipe nobody reads could fill and stall the server
+    with open(log, "w") as err:
+      self.proc = subprocess.Popen([sys.executable, "-m", "llada_jax.cli.serve", f"--workdir={workdir}",
+                                    f"--port={self.port}", f"--model_name={NAME}", *flags],
+                                   env=command_env(1), stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-      assert self.proc.poll() is None, self.proc.communicate()[1][-3000:]
+      assert self.proc.poll() is None, self.stderr()[-3000:]
       try:
         if httpx.get(self.url + "/health", timeout=1).status_code == 200:
           return
@@ -69,25 +71,31 @@ class Server:
         return float(m.group(2))
     return 0.0
 
+  def stderr(self) -> str:
+    with open(self.log) as f:
+      return f.read()
+
   def stop(self) -> tuple[int, str]:
     if self.proc.poll() is None:
       self.proc.kill()
-    _, err = self.proc.communicate(timeout=60)
-    return self.proc.returncode, err
+    self.proc.wait(timeout=60)
+    return self.proc.returncode, self.stderr()
 
 
-@pytest.fixture(scope="module")
-def server(sft_workdir):
-  s = Server(sft_workdir, "--max_batch=8", "--batch_timeout_ms=300")
+def _serving(workdir, tmp_path_factory, *flags):
+  s = Server(workdir, str(tmp_path_factory.mktemp("server") / "stderr.txt"), *flags)
   yield s
   s.stop()
 
 
 @pytest.fixture(scope="module")
-def small(sft_workdir):
-  s = Server(sft_workdir, "--max_batch=1", "--max_queue=2", "--batch_timeout_ms=0")
-  yield s
-  s.stop()
+def server(sft_workdir, tmp_path_factory):
+  yield from _serving(sft_workdir, tmp_path_factory, "--max_batch=8", "--batch_timeout_ms=300")
+
+
+@pytest.fixture(scope="module")
+def small(sft_workdir, tmp_path_factory):
+  yield from _serving(sft_workdir, tmp_path_factory, "--max_batch=1", "--max_queue=2", "--batch_timeout_ms=0")
 
 
 def _sample(workdir, tmp_path, *args) -> list[str]:
@@ -214,6 +222,24 @@ def _wait_for(server, metric: str, at_least: float, **labels) -> None:
   while server.metric(metric, **labels) < at_least:
     assert time.monotonic() < deadline, f"{metric} never reached {at_least}"
     time.sleep(0.02)
+
+
+def test_request_timeout_gives_504_and_drops_what_still_waits(sft_workdir, tmp_path_factory):
+  """--request_timeout_s=1: BUSY (seconds on the device) is answered 504 when its time is up; a request
+  queued behind it times out while waiting and is dropped before it reaches the device; the server goes
+  on answering."""
+  for quick in _serving(sft_workdir, tmp_path_factory, "--max_batch=1", "--batch_timeout_ms=0",
+                        "--request_timeout_s=1"):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      busy = pool.submit(quick.post, "/v1/completions", BUSY)
+      _wait_for(quick, "llada_running_rows", 1)
+      queued = quick.post("/v1/completions", {"prompt": "late", "max_tokens": 8})
+      assert queued.status_code == 504 and queued.json()["error"]["type"] == "timeout_error", queued.text
+      assert quick.metric("llada_dropped_requests_total", reason="timeout") == 1
+      late = busy.result(timeout=120)
+      assert late.status_code == 504 and "request_timeout_s=1" in late.json()["error"]["message"]
+    assert quick.metric("llada_requests_total", endpoint="completions", status="504") == 2
+    assert httpx.get(quick.url + "/health", timeout=10).json()["status"] == "ok"
 
 
 def test_overflow_disconnect_and_sigterm_drain(small):
