@@ -176,18 +176,18 @@ def _stop(value: Any) -> tuple[str, ...]:
   return tuple(stops)
 
 
-def _canvas(max_tokens: int, options: dict[str, Any], buckets: Sequence[int], fits,
+def _canvas(max_tokens: int, given: dict[str, Any], buckets: Sequence[int], fits,
             prompt_field: str) -> sampling.SamplingConfig:
-  """The sampler's options for a `max_tokens` budget (module docstring): the first canvas that `fits`
-  (raises errors.OptionError otherwise); the exact canvas's error, in the request's field names, if none."""
-  block, steps = options["block_length"], options["steps"]
-  whole_blocks = max_tokens if not block else -(-max_tokens // block) * block  # block 0 is refused below
-  candidates = [b for b in buckets if b >= max_tokens and (not block or b % block == 0)] + [whole_blocks]
-  fields = {k: v for k, v in options.items() if k != "seed"}
-  for k, gen_length in enumerate(candidates):
-    cfg = sampling.SamplingConfig(**{**fields, "gen_length": gen_length,
-                                     "block_length": gen_length if block is None else block,
-                                     "steps": gen_length if steps is None else steps})
+  """The sampler's options for a `max_tokens` budget (module docstring): each candidate canvas through
+  `sampling_options.resolve` (which derives unset steps / block_length, and rounds a budget up to whole
+  blocks), the first that `fits` (raises errors.OptionError otherwise); the exact canvas's error, in the
+  request's field names, if none does."""
+  block = given.get("block_length")
+  candidates = [sampling_options.resolve({**given, "gen_length": b}) for b in buckets
+                if b >= max_tokens and (not block or b % block == 0)]  # block 0 is refused by `fits`
+  candidates.append(sampling_options.resolve(given, budget=max_tokens))
+  for k, options in enumerate(candidates):
+    cfg = sampling.SamplingConfig(**{name: v for name, v in options.items() if name != "seed"})
     try:
       fits(cfg)
       return cfg
@@ -227,7 +227,7 @@ def _job(kind: str, body: Mapping[str, Any], prompts: list[list[int]], prompt_fi
   L = model.model_config.max_seq_len
   shortest, longest = min(map(len, prompts)), max(map(len, prompts))
   fits = lambda cfg: cfg.validate(shortest, L, longest)
-  cfg = _canvas(max_tokens, options, server.buckets(L)[1], fits, prompt_field)
+  cfg = _canvas(max_tokens, option_values, server.buckets(L)[1], fits, prompt_field)
   return Job(kind, prompts, n, options["seed"], cfg, max_tokens, _stop(body.get("stop")), stream,
              bool((stream_options or {}).get("include_usage", False)))
 

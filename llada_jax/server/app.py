@@ -64,6 +64,10 @@ def make_app(model: serving.LoadedModel, config: api.ServerConfig,
   batcher = Batcher(model, config, metrics, **({"log": log} if log else {}))
   started = int(time.time())
 
+  def timed_out() -> api.BadRequest:
+    return api.BadRequest(None, f"no answer within request_timeout_s={config.request_timeout_s}", status=504,
+                          kind="timeout_error")
+
   def count(endpoint: str, status: int, t0: float) -> None:
     metrics.requests.labels(endpoint, str(status)).inc()
     metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -102,8 +106,7 @@ def make_app(model: serving.LoadedModel, config: api.ServerConfig,
       count(endpoint, CLIENT_GONE, t0)
       return Response(status_code=CLIENT_GONE)
     count(endpoint, 504, t0)
-    return _error(api.BadRequest(None, f"no answer within request_timeout_s={config.request_timeout_s}",
-                                 status=504, kind="timeout_error"))
+    return _error(timed_out())
 
   async def _stream(ticket: Ticket, endpoint: str, t0: float) -> AsyncIterator[str]:
     job, status = ticket.job, CLIENT_GONE
@@ -115,9 +118,7 @@ def make_app(model: serving.LoadedModel, config: api.ServerConfig,
         except asyncio.TimeoutError:
           batcher.cancel(ticket, "timeout")
           status = 504
-          error = api.BadRequest(None, f"no answer within request_timeout_s={config.request_timeout_s}",
-                                 status=504, kind="timeout_error")
-          yield f"data: {json.dumps(error.body())}\n\n"
+          yield f"data: {json.dumps(timed_out().body())}\n\n"
           break
         if kind == "step":
           yield f"data: {json.dumps(payload)}\n\n"

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from llada_jax import serving
+from llada_jax import sampling, serving
 from llada_jax.server import api
 from llada_jax.server.metrics import ServerMetrics
 
@@ -65,11 +65,6 @@ class _Row:
   ticket: Ticket
   choice: int
   answer: np.ndarray | None = None  # last canvas seen (streaming)
-
-
-def _row_key(seed: int, choice: int) -> jax.Array:
-  # What row `choice` of `llada-sample --seed=SEED` draws from (serving.LoadedModel.generate_ids).
-  return jax.random.fold_in(jax.random.key(seed), choice)
 
 
 class Batcher:
@@ -176,7 +171,8 @@ class Batcher:
     cfg = batch[0].job.cfg
     self.metrics.running_rows.set(len(rows))
     try:
-      tokens, steps, width, seconds = await self._loop.run_in_executor(self._device, self._call, rows, cfg)
+      tokens, steps, width, seconds = await self._loop.run_in_executor(self._device, self._call, batch, rows,
+                                                                       cfg)
     except Exception as e:  # noqa: BLE001 -- every waiting client gets the error, the server goes on
       logging.exception("sampler call failed")
       for t in batch:
@@ -210,11 +206,14 @@ class Batcher:
     width = min(next((b for b in self.prompt_buckets if b >= longest), longest), room)
     return width, min(1 << (len(rows) - 1).bit_length(), self.config.max_batch)
 
-  def _call(self, rows: list[_Row], cfg) -> tuple[np.ndarray, np.ndarray, int, float]:
+  def _call(self, batch: list[Ticket], rows: list[_Row], cfg) -> tuple[np.ndarray, np.ndarray, int, float]:
     width, padded = self._shape(rows, cfg)
     all_rows = rows + [rows[0]] * (padded - len(rows))
     prompts = [r.ticket.job.row_prompt(r.choice) for r in all_rows]
-    keys = jnp.stack([_row_key(r.ticket.job.seed, r.choice) for r in all_rows])
+    # Each job's rows draw what rows 0..rows-1 of `llada-sample --seed=SEED` draw (the sampler's own rule);
+    # padding rows repeat the first row.
+    keys = jnp.concatenate([sampling.row_keys(jax.random.key(t.job.seed), t.job.rows) for t in batch])
+    keys = keys[np.asarray(list(range(len(rows))) + [0] * (padded - len(rows)))]
     stream = any(r.ticket.job.stream for r in rows)
     program = (cfg, width, padded, stream)
     if program not in self._programs:
