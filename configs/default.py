@@ -1,7 +1,7 @@
 """All llada_jax config fields with their defaults, and the named presets.
 
-Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b (model
-shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
+Use as `--config=configs/default.py:VARIANT` with VARIANT in tiny, demo, llada_1b, llada_8b, illada_8b,
+moe_tiny, llada_moe_7b_a1b (model shapes for pre-training), or through the files beside it (`configs/demo.py`, `configs/sft_demo.py`,
 `configs/pretrain_text.py`, ...). `sft(c)` turns a preset into its SFT counterpart, `preference(c)` into
 its VRPO / exact-DPO one, `grpo(c)` its diffu-GRPO one, `lora(c, ...)` trains adapters instead of every parameter. Override any field on the command line:
 `--config.train.num_steps=200`. Validation (ranges, cross-field checks) lives in llada_jax/config.py.
@@ -9,7 +9,7 @@ its VRPO / exact-DPO one, `grpo(c)` its diffu-GRPO one, `lora(c, ...)` trains ad
 
 import ml_collections
 
-VARIANTS = ("tiny", "demo", "llada_1b", "llada_8b")
+VARIANTS = ("tiny", "demo", "llada_1b", "llada_8b", "illada_8b", "moe_tiny", "llada_moe_7b_a1b")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -21,12 +21,26 @@ def base() -> ml_collections.ConfigDict:
   m.num_layers = 2           # Transformer blocks
   m.num_heads = 4            # query heads; head_dim = d_model // num_heads
   m.num_kv_heads = 4         # key/value heads (grouped-query attention when < num_heads)
-  m.mlp_dim = 256            # SwiGLU hidden width
+  m.mlp_dim = 256            # SwiGLU hidden width (with num_experts > 0: each expert's)
   m.max_seq_len = 4096       # longest sequence the config accepts
   m.rope_theta = 500000.0    # RoPE base (LLaDA: 500000)
   m.norm_eps = 1e-5          # RMSNorm epsilon
   m.init_std = 0.02          # std of the normal initialiser of every matrix
   m.causal = False           # True: autoregressive baseline (causal mask); needs diffusion.objective='ar'
+  m.tie_embeddings = False   # the output head is the embedding matrix (iLLaDA); no head parameter
+  m.qk_norm = False          # RMSNorm over head_dim on queries and keys before RoPE (LLaDA-MoE)
+  m.rope_fraction = 1.0      # share of each head's dims RoPE rotates (HF partial_rotary_factor)
+  m.num_experts = 0          # >0: mixture-of-experts FFN of this many SwiGLU experts of width mlp_dim
+  m.experts_per_token = 2    # MoE: experts each token is routed to (top-k)
+  m.shared_expert_dim = 0    # MoE: >0 adds a dense SwiGLU of this width that every token goes through
+  m.router_score = "softmax"  # MoE: router scores, softmax | sigmoid (float32)
+  m.router_renorm = False    # MoE: renormalise the k chosen scores to sum to 1
+  m.router_bias = False      # MoE: a per-expert bias added to the scores to choose experts (not to weigh)
+  m.routed_scaling = 1.0     # MoE: the chosen weights are multiplied by this
+  m.capacity_factor = 0.0    # MoE: >0 caps each expert at factor * tokens * k / experts (the rest
+                             # dropped); 0: dropless
+  m.moe_aux_loss_weight = 0.01  # MoE: weight of the load-balancing loss added to every objective
+  m.moe_z_loss_weight = 0.001   # MoE: weight of the router z-loss
   m.chat = ml_collections.config_dict.placeholder(bool)  # the model answers chat-templated prompts;
                              # None: what the objective trains (True for sft); stored in checkpoints
   m.scan_layers = True       # lax.scan over stacked layers (fast compiles) vs an unrolled Python loop
@@ -137,8 +151,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = me = ml_collections.ConfigDict()
   me.data = 1                # data-parallel axis size (-1: the rest of the devices)
   me.fsdp = -1               # fully-sharded data-parallel axis size
+  me.expert = 1              # expert-parallel axis size (> 1 needs rule_set fsdp_ep)
   me.tensor = 1              # tensor-parallel axis size (> 1 needs rule_set fsdp_tp)
-  me.rule_set = "fsdp"       # dp | fsdp | fsdp_tp: logical -> mesh axis table (llada_jax.sharding)
+  me.rule_set = "fsdp"       # dp | fsdp | fsdp_tp | fsdp_ep: logical -> mesh axis table (llada_jax.sharding)
   me.rules = ()              # overrides of single entries: (("vocab", None), ...)
 
   c.train = t = ml_collections.ConfigDict()
@@ -240,5 +255,29 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.diffusion.mask_token_id = 126336
     c.data.tokenizer_vocab_size = 32000
     c.train.update(batch_size=1280, seq_len=4096, num_steps=500000, checkpoint_every=1000)
+    c.optim.update(peak_lr=4e-4, warmup_steps=2000)
+  elif variant == "illada_8b":  # iLLaDA-8B (REFERENCE §12): GQA 32/8, tied embeddings, 8k context, mask 5
+    c.model.update(vocab_size=155136, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
+                   max_seq_len=8192, tie_embeddings=True, remat_policy="full", attention_impl="auto",
+                   loss_chunk_size=1024)
+    c.diffusion.mask_token_id = 5
+    c.data.tokenizer_vocab_size = 32000
+    c.train.update(batch_size=1280, seq_len=8192, num_steps=500000, checkpoint_every=1000)
+    c.optim.update(peak_lr=4e-4, warmup_steps=2000)
+  elif variant == "moe_tiny":  # the tiny preset with a routed FFN: MoE unit and end-to-end tests
+    c.model.update(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=32,
+                   num_experts=8, experts_per_token=2, qk_norm=True, dtype="float32")
+    c.data.update(num_documents=400, tokenizer_vocab_size=256)
+    c.train.update(batch_size=8, seq_len=32, num_steps=20, log_every=5, checkpoint_every=10,
+                   num_samples=1, sample_steps=4, sample_length=8)
+    c.optim.update(warmup_steps=5, peak_lr=3e-3)
+  elif variant == "llada_moe_7b_a1b":  # LLaDA-MoE-7B-A1B (REFERENCE §13): 64 experts, 8 active, QK-norm
+    c.model.update(vocab_size=157184, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=16, mlp_dim=1024,
+                   num_experts=64, experts_per_token=8, qk_norm=True, rope_theta=50000.0, max_seq_len=8192,
+                   remat_policy="full", attention_impl="auto", loss_chunk_size=1024)
+    c.diffusion.mask_token_id = 156895
+    c.data.tokenizer_vocab_size = 32000
+    c.mesh.update(rule_set="fsdp_ep")
+    c.train.update(batch_size=1024, seq_len=8192, num_steps=500000, checkpoint_every=1000)
     c.optim.update(peak_lr=4e-4, warmup_steps=2000)
   return c

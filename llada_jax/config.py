@@ -16,8 +16,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 SOURCES = ("procedural", "text", "jsonl", "array_record", "tfds", "task")
-RULE_SETS = ("dp", "fsdp", "fsdp_tp")  # tables: llada_jax.sharding.RULE_SETS
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "norm")
+RULE_SETS = ("dp", "fsdp", "fsdp_tp", "fsdp_ep")  # tables: llada_jax.sharding.RULE_SETS
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "norm", "expert")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
@@ -75,10 +76,21 @@ def _objectives():
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The Transformer (REFERENCE §1). `head_dim` is derived: d_model // num_heads.
+  """The Transformer (REFERENCE §1, §12-13). `head_dim` is derived: d_model // num_heads.
 
   `chat`: the parameters answer prompts in the chat template (serving, the harness and the converters read
   it from the checkpoint's config); None resolves to what the objective trains (True for `sft`).
+  Family options: `tie_embeddings` (the output head is the embedding matrix transposed: no head parameter),
+  `qk_norm` (RMSNorm over head_dim on queries and keys, per head, before RoPE), `rope_fraction` (RoPE on
+  the first fraction of each head's dims, the rest passes through: HF's partial_rotary_factor).
+  Mixture of experts (REFERENCE §13; llada_jax.moe), on when `num_experts` > 0: every layer's FFN is
+  `num_experts` SwiGLU experts of width `mlp_dim`, `experts_per_token` chosen per token by a router scoring
+  with `router_score` (softmax | sigmoid, float32), the chosen weights optionally renormalised
+  (`router_renorm`) and multiplied by `routed_scaling`; `router_bias` adds a per-expert bias used to choose
+  experts only, never in the weights; `shared_expert_dim` > 0 adds a dense SwiGLU every token goes through.
+  `capacity_factor` > 0 caps each expert at ceil(factor * tokens * k / E) assignments (the rest dropped,
+  earliest tokens first kept); 0 is dropless. `moe_aux_loss_weight` / `moe_z_loss_weight` weight the
+  load-balancing and router z-losses every objective adds while training.
   """
 
   vocab_size: int = 1024
@@ -92,6 +104,19 @@ class ModelConfig:
   norm_eps: float = 1e-5
   init_std: float = _field(0.02, _EXECUTION)
   causal: bool = False
+  tie_embeddings: bool = False
+  qk_norm: bool = False
+  rope_fraction: float = 1.0
+  num_experts: int = 0
+  experts_per_token: int = 2
+  shared_expert_dim: int = 0
+  router_score: str = "softmax"
+  router_renorm: bool = False
+  router_bias: bool = False
+  routed_scaling: float = 1.0
+  capacity_factor: float = _field(0.0, _EXECUTION)
+  moe_aux_loss_weight: float = _field(0.01, _EXECUTION)
+  moe_z_loss_weight: float = _field(0.001, _EXECUTION)
   chat: bool | None = _field(None, _USAGE)
   scan_layers: bool = _field(True, _EXECUTION)
   remat_policy: str = _field("none", _EXECUTION)
@@ -121,15 +146,37 @@ class ModelConfig:
     _check_int(s, "mlp_pad_to", self.mlp_pad_to, 0)
     _check_choice(s, "dtype", self.dtype, _DTYPES)
     _check_choice(s, "param_dtype", self.param_dtype, _DTYPES)
-    for name in ("causal", "scan_layers"):
+    for name in ("causal", "scan_layers", "tie_embeddings", "qk_norm", "router_renorm", "router_bias"):
       if not isinstance(getattr(self, name), bool):
         _fail(f"{s}.{name}", "True or False", getattr(self, name))
+    _check_float(s, "rope_fraction", self.rope_fraction, 0.0, 1.0, lo_open=True)
+    if self.rotary_dim % 2 or self.rotary_dim < 2 or abs(self.rotary_dim - self.head_dim * self.rope_fraction) > 1e-6:
+      _fail(f"{s}.rope_fraction", f"such that rope_fraction * head_dim ({self.head_dim}) is an even integer "
+            "(RoPE rotates pairs)", self.rope_fraction)
+    _check_int(s, "num_experts", self.num_experts, 0, 4096)
+    _check_int(s, "shared_expert_dim", self.shared_expert_dim, 0)
+    if self.num_experts:
+      _check_int(s, "experts_per_token", self.experts_per_token, 1, self.num_experts)
+    _check_choice(s, "router_score", self.router_score, ROUTER_SCORES)
+    _check_float(s, "routed_scaling", self.routed_scaling, 0.0, 1000.0, lo_open=True)
+    _check_float(s, "capacity_factor", self.capacity_factor, 0.0, 1000.0)
+    _check_float(s, "moe_aux_loss_weight", self.moe_aux_loss_weight, 0.0, 1000.0)
+    _check_float(s, "moe_z_loss_weight", self.moe_z_loss_weight, 0.0, 1000.0)
     if self.chat is not None and not isinstance(self.chat, bool):
       _fail(f"{s}.chat", "True, False or None (what the objective trains)", self.chat)
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """Dims of each head that RoPE rotates (the first ones)."""
+    return round(self.head_dim * self.rope_fraction)
+
+  @property
+  def moe(self) -> bool:
+    return self.num_experts > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,34 +471,40 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh ('data', 'fsdp', 'tensor'); -1 means "all devices the other axes leave".
+  """Device mesh ('data', 'fsdp', 'expert', 'tensor'); -1 means "all devices the other axes leave".
 
   `rule_set` names how logical axis names (on parameters and activations) map to mesh axes; the tables
   live in `llada_jax.sharding.RULE_SETS`:
     dp       batches split over data*fsdp, parameters replicated (small models)
     fsdp     batches over data*fsdp, parameters sharded over fsdp along 'embed' (the default)
     fsdp_tp  fsdp plus heads/mlp/vocab split over 'tensor' (Megatron-style tensor parallelism)
+    fsdp_ep  fsdp plus the experts of a mixture-of-experts model split over 'expert' (expert parallelism);
+             batches over data*fsdp*expert
   `rules` overrides single entries of the named set: pairs (logical_name, mesh axis | tuple | None).
   """
 
   data: int = 1
   fsdp: int = -1
+  expert: int = 1
   tensor: int = 1
   rule_set: str = "fsdp"
   rules: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    sizes = {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
     for name, v in sizes.items():
       if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
         _fail(f"mesh.{name}", "a positive integer or -1 (the rest of the devices)", v)
     if sum(v == -1 for v in sizes.values()) > 1:
-      _fail("mesh", "a shape with at most one -1 among data/fsdp/tensor", sizes)
+      _fail("mesh", "a shape with at most one -1 among data/fsdp/expert/tensor", sizes)
     _check_choice("mesh", "rule_set", self.rule_set, RULE_SETS)
     if self.rule_set != "fsdp_tp" and self.tensor != 1 and not self.rules:
       _fail("mesh.tensor", f"1 with rule_set={self.rule_set!r} (only 'fsdp_tp' splits over 'tensor'; "
             "a larger tensor axis would idle)", self.tensor)
-    known = {"data", "fsdp", "tensor", None}
+    if self.rule_set != "fsdp_ep" and self.expert != 1 and not self.rules:
+      _fail("mesh.expert", f"1 with rule_set={self.rule_set!r} (only 'fsdp_ep' splits over 'expert'; "
+            "a larger expert axis would idle)", self.expert)
+    known = {"data", "fsdp", "expert", "tensor", None}
     for rule in self.rules:
       if not isinstance(rule, (tuple, list)) or len(rule) != 2 or rule[0] not in LOGICAL_AXES:
         _fail("mesh.rules", f"pairs (logical name from {LOGICAL_AXES}, mesh axis or tuple of mesh axes "
@@ -460,20 +513,20 @@ class MeshConfig:
       if any(t not in known for t in targets):
         _fail("mesh.rules", f"mesh axes from {sorted(k for k in known if k)} or None", rule)
 
-  def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+  def axis_sizes(self, num_devices: int) -> tuple[int, int, int, int]:
     """Resolves -1 against `num_devices`; raises if the shape does not match the device count."""
-    sizes = [self.data, self.fsdp, self.tensor]
+    sizes = [self.data, self.fsdp, self.expert, self.tensor]
     fixed = 1
     for v in sizes:
       fixed *= v if v != -1 else 1
     if -1 in sizes:
       if num_devices % fixed:
         _fail("mesh", f"a shape whose fixed axes divide the {num_devices} devices",
-              dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor))
+              dict(data=self.data, fsdp=self.fsdp, expert=self.expert, tensor=self.tensor))
       sizes[sizes.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
-      _fail("mesh", f"a shape with data*fsdp*tensor == {num_devices} (the device count)",
-            dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor))
+      _fail("mesh", f"a shape with data*fsdp*expert*tensor == {num_devices} (the device count)",
+            dict(data=self.data, fsdp=self.fsdp, expert=self.expert, tensor=self.tensor))
     return tuple(sizes)
 
 
@@ -558,6 +611,11 @@ class Config:
     if objective.causal != m.causal:
       _fail("model.causal", f"{objective.causal} for diffusion.objective={objective.name!r} (causal objectives: "
             f"{[n for n in _objectives().names() if _objectives().get(n).causal]})", m.causal)
+    ffn_targets = [x for x in self.lora.targets if x.startswith("ff_")]
+    if self.lora.enabled and m.moe and ffn_targets:
+      _fail("lora.targets", f"attention projections only on a mixture-of-experts model (model.num_experts="
+            f"{m.num_experts}; adapters on experts are not implemented), e.g. ('q_proj', 'k_proj', 'v_proj', "
+            "'attn_out')", self.lora.targets)
     if self.lora.enabled and not t.init_from:
       _fail("train.init_from", "the workdir of the base model when lora.rank > 0 (LoRA adapts a trained "
             "model; its parameters stay frozen)", t.init_from)

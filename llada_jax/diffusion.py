@@ -22,6 +22,9 @@ LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 class TokenScores(NamedTuple):
   nll_BL: jax.Array           # float32 -log p(target) at every position
   correct_BL: jax.Array       # bool: the argmax prediction is the target
+  # A mixture-of-experts model's router statistics for this call (llada_jax.moe.router_stats): the losses
+  # here ignore them; the objective records add the router losses (llada_jax.objectives.compute_loss).
+  aux: dict | None = None
 
 
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], TokenScores]  # (inputs_BL, valid_BL, targets_BL)
@@ -116,7 +119,7 @@ def chunked_scores(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, 
     logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype)).astype(jnp.float32)
     return _token_nll(logits_BCV, t_BC)
 
-  nll_NBC, correct_NBC = jax.lax.map(lambda a: one_chunk(*a), (x_NBCD, t_NBC))
+  nll_NBC, correct_NBC = jax.lax.map(lambda a: one_chunk(*a), (x_NBCD, t_NBC))[:2]
   unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :L]
   return TokenScores(unchunk(nll_NBC), unchunk(correct_NBC))
 
@@ -134,7 +137,7 @@ def pretrain_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array, 
   `scores` (per-token CE already computed, e.g. by `chunked_scores`) replaces `logits_BLV`.
   """
   valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL.astype(bool)
-  nll_BL, correct_BL = scores if scores is not None else _token_nll(logits_BLV, tokens_BL)
+  nll_BL, correct_BL = (scores if scores is not None else _token_nll(logits_BLV, tokens_BL))[:2]
   counted_BL = is_masked_BL & valid_BL
   weighted = jnp.where(counted_BL, nll_BL / p_mask_B[:, None], 0.0)
   loss = weighted.sum() / jnp.maximum(valid_BL.sum(), 1)
@@ -159,7 +162,7 @@ def sft_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array, is_ma
   resp_BL = response_mask(prompt_len_B=prompt_len_B, length=L)
   if valid_BL is not None:
     resp_BL &= valid_BL.astype(bool)
-  nll_BL, correct_BL = scores if scores is not None else _token_nll(logits_BLV, tokens_BL)
+  nll_BL, correct_BL = (scores if scores is not None else _token_nll(logits_BLV, tokens_BL))[:2]
   counted_BL = is_masked_BL & resp_BL
   per_row_B = jnp.where(counted_BL, nll_BL / p_mask_B[:, None], 0.0).sum(axis=1)
   loss = (per_row_B / jnp.maximum(resp_BL.sum(axis=1), 1)).sum() / B
@@ -177,7 +180,7 @@ def next_token_loss(*, logits_BLV: jax.Array | None = None, tokens_BL: jax.Array
   if scores is not None:
     nll_BL, correct_BL = scores.nll_BL[:, :-1], scores.correct_BL[:, :-1]
   else:
-    nll_BL, correct_BL = _token_nll(logits_BLV[:, :-1], tokens_BL[:, 1:])
+    nll_BL, correct_BL = _token_nll(logits_BLV[:, :-1], tokens_BL[:, 1:])[:2]
   targets_BL = jnp.ones(nll_BL.shape, bool) if valid_BL is None else valid_BL[:, 1:].astype(bool)
   n = targets_BL.sum()
   loss = jnp.where(targets_BL, nll_BL, 0.0).sum() / jnp.maximum(n, 1)

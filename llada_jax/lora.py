@@ -73,9 +73,12 @@ def shapes(m: ModelConfig, lora: LoraConfig) -> dict[str, dict[str, tuple[int, .
 
 
 def token_shapes(m: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
-  """Shapes of the trainable token rows (an empty dict without `lora.trainable_tokens`)."""
+  """Shapes of the trainable token rows (an empty dict without `lora.trainable_tokens`); a model with tied
+  embeddings has embedding rows only (its head reads them)."""
   n = len(lora.token_ids)
-  return {"embedding": (n, m.d_model), "lm_head": (m.d_model, n)} if n else {}
+  if not n:
+    return {}
+  return {"embedding": (n, m.d_model)} if m.tie_embeddings else {"embedding": (n, m.d_model), "lm_head": (m.d_model, n)}
 
 
 def logical_axes(m: ModelConfig, lora: LoraConfig) -> dict:
@@ -87,7 +90,8 @@ def logical_axes(m: ModelConfig, lora: LoraConfig) -> dict:
     out[target] = {"lora_a": ("layers", *axes[:n_in], None), "lora_b": ("layers", None, *axes[n_in:])}
   tree = {"blocks": out}
   if lora.token_ids:
-    tree["tokens"] = {"embedding": (None, "embed"), "lm_head": ("embed", None)}
+    axes = {"embedding": (None, "embed"), "lm_head": ("embed", None)}
+    tree["tokens"] = {k: axes[k] for k in token_shapes(m, lora)}
   return tree
 
 
@@ -113,20 +117,24 @@ def seed_tokens(adapters: dict, base: dict, lora: LoraConfig) -> dict:
     return adapters
   ids = jnp.asarray(lora.token_ids, jnp.int32)
   rows = adapters["tokens"]
-  return {**adapters, "tokens": {"embedding": base["embedding"][ids].astype(rows["embedding"].dtype),
-                                 "lm_head": base["lm_head"][:, ids].astype(rows["lm_head"].dtype)}}
+  seeded = {"embedding": base["embedding"][ids].astype(rows["embedding"].dtype)}
+  if "lm_head" in rows:
+    seeded["lm_head"] = base["lm_head"][:, ids].astype(rows["lm_head"].dtype)
+  return {**adapters, "tokens": seeded}
 
 
-def with_tokens(embedding_VD: jax.Array, head_DV: jax.Array, adapters: Adapters | None
+def with_tokens(embedding_VD: jax.Array, head_DV: jax.Array | None, adapters: Adapters | None
                 ) -> tuple[jax.Array, jax.Array]:
-  """The embedding and output head with the adapters' token rows (if any) in place of the base's. Each
-  forward writes a copy of both (sharded like them; 1 GiB each at the released 8B in bfloat16), which
-  keeps the head a plain matrix for the chunked loss and the samplers; merging (`merge`) removes it."""
-  if adapters is None or not adapters.token_ids:
-    return embedding_VD, head_DV
-  ids, rows = jnp.asarray(adapters.token_ids, jnp.int32), adapters.tree["tokens"]
-  return (embedding_VD.at[ids].set(rows["embedding"].astype(embedding_VD.dtype)),
-          head_DV.at[:, ids].set(rows["lm_head"].astype(head_DV.dtype)))
+  """The embedding and output head with the adapters' token rows (if any) in place of the base's; a None
+  head (tied embeddings) is the resulting embedding transposed. Each forward writes a copy of both
+  (sharded like them; 1 GiB each at the released 8B in bfloat16), which keeps the head a plain matrix for
+  the chunked loss and the samplers; merging (`merge`) removes it."""
+  if adapters is not None and adapters.token_ids:
+    ids, rows = jnp.asarray(adapters.token_ids, jnp.int32), adapters.tree["tokens"]
+    embedding_VD = embedding_VD.at[ids].set(rows["embedding"].astype(embedding_VD.dtype))
+    if head_DV is not None:
+      head_DV = head_DV.at[:, ids].set(rows["lm_head"].astype(head_DV.dtype))
+  return embedding_VD, (embedding_VD.T if head_DV is None else head_DV)
 
 
 def abstract(m: ModelConfig, lora: LoraConfig) -> dict:
@@ -160,5 +168,8 @@ def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
   for target in adapters["blocks"]:
     w = blocks[target]
     blocks[target] = (w.astype(jnp.float32) + lora.scale * layer_delta(adapters["blocks"], target)).astype(w.dtype)
-  embedding, head = with_tokens(params["embedding"], params["lm_head"], Adapters.of(adapters, lora))
-  return {**params, "blocks": blocks, "embedding": embedding, "lm_head": head}
+  embedding, head = with_tokens(params["embedding"], params.get("lm_head"), Adapters.of(adapters, lora))
+  merged = {**params, "blocks": blocks, "embedding": embedding}
+  if "lm_head" in params:  # tied embeddings have no head of their own
+    merged["lm_head"] = head
+  return merged

@@ -3,7 +3,9 @@
 A pre-norm "llama" Transformer with *bidirectional* attention (a key-padding mask only), RMSNorm and RoPE
 in float32, SwiGLU, no biases, an untied output head and optional grouped-query attention. No timestep
 input: the model sees the partially masked sequence and predicts every original token. `causal=True`
-turns the same network into the autoregressive baseline.
+turns the same network into the autoregressive baseline. The family's options (REFERENCE §12-13): tied
+input/output embeddings (iLLaDA), QK-norm, partial RoPE, and a routed mixture-of-experts feed-forward
+(LLaDA-MoE; llada_jax.moe) whose router statistics leave the model as a returned value (`return_aux`).
 
 Layers are stored stacked on a leading 'layers' axis (one parameter layout for both execution modes);
 `scan_layers` chooses `lax.scan` over that axis (fast compiles, remat per layer) or an unrolled loop.
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax import attention, diffusion, lora as lora_lib, sharding
+from llada_jax import attention, diffusion, lora as lora_lib, moe as moe_lib, sharding
 from llada_jax.config import ModelConfig
 
 _REMAT = {
@@ -41,16 +43,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Half-rotation (GPT-NeoX) RoPE in float32: x*cos + rotate_half(x)*sin, rotate_half = [-x2, x1]."""
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+  """Half-rotation (GPT-NeoX) RoPE in float32: x*cos + rotate_half(x)*sin, rotate_half = [-x2, x1].
+
+  `rotary_dim` (default: all of head_dim): only the first rotary_dim dims rotate, with frequencies of a
+  rotary_dim-wide head; the rest pass through (partial RoPE, HF's partial_rotary_factor)."""
   head_dim = x_BTNH.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  r = head_dim if rotary_dim is None else rotary_dim
+  inv_freq = theta ** (-jnp.arange(0, r, 2, dtype=jnp.float32) / r)
   angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-  angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  angles_BTR = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
+  x_rot, x_pass = x[..., :r], x[..., r:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * jnp.cos(angles_BTH) + rotated * jnp.sin(angles_BTH)).astype(x_BTNH.dtype)
+  out = x_rot * jnp.cos(angles_BTR) + rotated * jnp.sin(angles_BTR)
+  return (out if r == head_dim else jnp.concatenate([out, x_pass], axis=-1)).astype(x_BTNH.dtype)
 
 
 def _normal(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...]) -> jax.Array:
@@ -58,27 +66,46 @@ def _normal(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...]) -> jax.Arr
 
 
 class Block(nnx.Module):
-  """One pre-norm block: attention then SwiGLU, each with a residual connection."""
+  """One pre-norm block: attention then the feed-forward (a SwiGLU, or a routed mixture of SwiGLU experts
+  with an optional shared one), each with a residual connection."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    ones = lambda: jnp.ones((d,), jnp.dtype(cfg.param_dtype))
+    ones = lambda size=d: jnp.ones((size,), jnp.dtype(cfg.param_dtype))
     self.attn_norm = sharding.param(ones(), ("norm",))
     self.q_proj = sharding.param(_normal(rngs, cfg, (d, n, h)), ("embed", "heads", "kv"))
     self.k_proj = sharding.param(_normal(rngs, cfg, (d, k, h)), ("embed", "heads", "kv"))
     self.v_proj = sharding.param(_normal(rngs, cfg, (d, k, h)), ("embed", "heads", "kv"))
+    if cfg.qk_norm:
+      self.q_norm = sharding.param(ones(h), ("norm",))
+      self.k_norm = sharding.param(ones(h), ("norm",))
     self.attn_out = sharding.param(_normal(rngs, cfg, (n, h, d)), ("heads", "kv", "embed"))
     self.ff_norm = sharding.param(ones(), ("norm",))
-    self.ff_gate = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
-    self.ff_up = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
-    self.ff_down = sharding.param(_normal(rngs, cfg, (f, d)), ("mlp", "embed"))
+    if cfg.moe:
+      e = cfg.num_experts
+      self.router = sharding.param(_normal(rngs, cfg, (d, e)), ("embed", None))
+      if cfg.router_bias:  # chooses experts, never weighs them: no gradient reaches it
+        self.router_bias = sharding.param(jnp.zeros((e,), jnp.dtype(cfg.param_dtype)), (None,))
+      self.ff_gate = sharding.param(_normal(rngs, cfg, (e, d, f)), ("expert", "embed", "mlp"))
+      self.ff_up = sharding.param(_normal(rngs, cfg, (e, d, f)), ("expert", "embed", "mlp"))
+      self.ff_down = sharding.param(_normal(rngs, cfg, (e, f, d)), ("expert", "mlp", "embed"))
+      if cfg.shared_expert_dim:
+        s = cfg.shared_expert_dim
+        self.shared_gate = sharding.param(_normal(rngs, cfg, (d, s)), ("embed", "mlp"))
+        self.shared_up = sharding.param(_normal(rngs, cfg, (d, s)), ("embed", "mlp"))
+        self.shared_down = sharding.param(_normal(rngs, cfg, (s, d)), ("mlp", "embed"))
+    else:
+      self.ff_gate = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
+      self.ff_up = sharding.param(_normal(rngs, cfg, (d, f)), ("embed", "mlp"))
+      self.ff_down = sharding.param(_normal(rngs, cfg, (f, d)), ("mlp", "embed"))
     self.cfg = cfg
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BS: jax.Array | None,
                kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0, *,
                impl: str = "xla", right_padded: bool = False, adapters: lora_lib.Adapters | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Returns the block output and this call's (RoPE'd) keys and values.
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict | None]:
+    """Returns the block output, this call's (RoPE'd) keys and values, and (MoE) its router statistics
+    (llada_jax.moe.router_stats; None for a dense block).
 
     With `kv` (keys/values of a full length-S sequence from an earlier pass), the T queries at
     `kv_offset` attend over that sequence with their own fresh keys/values written in at `kv_offset`:
@@ -101,8 +128,11 @@ class Block(nnx.Module):
     y_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)
     q_BTNH = adapt("q_proj", y_BTD, jnp.einsum("btd,dnh->btnh", y_BTD, w(self.q_proj)))
     k_BTKH = adapt("k_proj", y_BTD, jnp.einsum("btd,dkh->btkh", y_BTD, w(self.k_proj)))
-    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-    k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+    if cfg.qk_norm:
+      q_BTNH = rms_norm(q_BTNH, self.q_norm[...], cfg.norm_eps)
+      k_BTKH = rms_norm(k_BTKH, self.k_norm[...], cfg.norm_eps)
+    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rotary_dim)
+    k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rotary_dim)
     v_BTKH = adapt("v_proj", y_BTD, jnp.einsum("btd,dkh->btkh", y_BTD, w(self.v_proj)))
     q_BTNH = checkpoint_name(sharding.constrain(q_BTNH, ("batch", "length", "heads", "kv")), "query")
     k_BTKH, v_BTKH = checkpoint_name(k_BTKH, "key"), checkpoint_name(v_BTKH, "value")
@@ -119,6 +149,11 @@ class Block(nnx.Module):
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
 
     y_BTD = rms_norm(x_BTD, self.ff_norm[...], cfg.norm_eps)
+    if cfg.moe:
+      valid_BT = valid_BS if kv is None else None  # statistics over the queries' real tokens
+      ff_BTD, stats = self._experts(y_BTD, valid_BT)
+      x_BTD = x_BTD + ff_BTD
+      return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH), stats
     gate_DF, up_DF, down_FD = w(self.ff_gate), w(self.ff_up), w(self.ff_down)
     pad = -cfg.mlp_dim % cfg.mlp_pad_to if cfg.mlp_pad_to else 0
     if pad:
@@ -131,7 +166,29 @@ class Block(nnx.Module):
     up_BTF = adapt("ff_up", y_BTD, jnp.einsum("btd,df->btf", y_BTD, up_DF))
     h_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
     x_BTD = x_BTD + adapt("ff_down", h_BTF[..., :cfg.mlp_dim], jnp.einsum("btf,fd->btd", h_BTF, down_FD))
-    return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH)
+    return sharding.constrain(x_BTD, ("batch", "length", "embed")), (k_BTKH, v_BTKH), None
+
+  def _experts(self, y_BTD: jax.Array, valid_BT: jax.Array | None) -> tuple[jax.Array, dict]:
+    """The routed feed-forward (llada_jax.moe) of normed inputs, plus the shared expert if there is one."""
+    cfg, dt = self.cfg, y_BTD.dtype
+    B, T, D = y_BTD.shape
+    # Tokens stay split like the batch around the dispatch (the flattened [B*T] axis keeps the batch split).
+    y_ND = sharding.constrain(y_BTD.reshape(B * T, D), ("batch", "embed"))
+    logits_NE = jnp.einsum("nd,de->ne", y_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
+    bias = self.router_bias[...] if cfg.router_bias else None
+    routing = moe_lib.route(logits_NE, k=cfg.experts_per_token, score=cfg.router_score, renorm=cfg.router_renorm,
+                            scaling=cfg.routed_scaling, bias_E=bias)
+    cap = moe_lib.capacity(B * T, k=cfg.experts_per_token, num_experts=cfg.num_experts, factor=cfg.capacity_factor)
+    out_ND, kept_NK = moe_lib.dispatch(y_ND, routing, self.ff_gate[...], self.ff_up[...], self.ff_down[...],
+                                       capacity=cap)
+    out_BTD = sharding.constrain(out_ND, ("batch", "embed")).reshape(B, T, D)
+    if cfg.shared_expert_dim:
+      w = lambda p: p[...].astype(dt)
+      h_BTS = jax.nn.silu(jnp.einsum("btd,ds->bts", y_BTD, w(self.shared_gate))) * jnp.einsum(
+          "btd,ds->bts", y_BTD, w(self.shared_up))
+      out_BTD = out_BTD + jnp.einsum("bts,sd->btd", h_BTS, w(self.shared_down))
+    valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
+    return out_BTD, moe_lib.router_stats(routing, kept_NK, valid_N)
 
 
 class Transformer(nnx.Module):
@@ -148,12 +205,13 @@ class Transformer(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = sharding.param(jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype)), ("norm",))
-    self.lm_head = sharding.param(_normal(rngs, cfg, (cfg.d_model, cfg.vocab_size)), ("embed", "vocab"))
+    if not cfg.tie_embeddings:  # tied: the head is embedding.T, one parameter trained by both uses
+      self.lm_head = sharding.param(_normal(rngs, cfg, (cfg.d_model, cfg.vocab_size)), ("embed", "vocab"))
 
   def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                cache: tuple[jax.Array, jax.Array] | None = None, offset: jax.Array | int = 0,
                return_cache: bool = False, right_padded: bool = False, return_hidden: bool = False,
-               adapters: lora_lib.Adapters | None = None):
+               return_aux: bool = False, adapters: lora_lib.Adapters | None = None):
     """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
 
     Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
@@ -167,12 +225,15 @@ class Transformer(nnx.Module):
     (`diffusion.chunked_scores`) or a sampler that needs a few positions' logits (`head_logits`).
     `adapters` (llada_jax.lora) adds LoRA updates to the projections it holds (layer l's dropout key is
     fold_in(adapters.rng, l)) and puts its trainable token rows in the embedding and output head.
+    `return_aux=True` appends the router statistics (llada_jax.moe.router_stats averaged over layers; None
+    for a dense model) to whatever else is returned: `(out, aux)` or `(out, cache, aux)`.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     if cache is not None and cfg.causal:
       raise ValueError("the KV-cache path is for the bidirectional model (model.causal=False)")
-    embedding_VD, head_DV = lora_lib.with_tokens(self.embedding[...], self.lm_head[...], adapters)
+    head = None if cfg.tie_embeddings else self.lm_head[...]
+    embedding_VD, head_DV = lora_lib.with_tokens(self.embedding[...], head, adapters)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
     positions_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -190,25 +251,28 @@ class Transformer(nnx.Module):
       if adapters is not None:
         rng = None if adapters.rng is None else jax.random.fold_in(adapters.rng, index)
         here = adapters._replace(tree=layer_adapters, rng=rng)
-      x, fresh_kv = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded,
-                          adapters=here)
-      return x, (fresh_kv if return_cache else None)
+      x, fresh_kv, stats = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded,
+                                 adapters=here)
+      return x, (fresh_kv if return_cache else None, stats if return_aux else None)
 
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     per_layer = (block_state, cache, adapter_tree, jnp.arange(cfg.num_layers, dtype=jnp.int32))
     if cfg.scan_layers:
-      x_BTD, kv_out = jax.lax.scan(layer, x_BTD, per_layer)
+      x_BTD, (kv_out, stats) = jax.lax.scan(layer, x_BTD, per_layer)
     else:
       outs = []
       for i in range(cfg.num_layers):
-        x_BTD, kv_i = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], per_layer))
-        outs.append(kv_i)
-      kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache else None
+        x_BTD, ys_i = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], per_layer))
+        outs.append(ys_i)
+      kv_out, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_cache or return_aux else (None, None)
 
     x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
     out = (x_BTD, head_DV) if return_hidden else head_logits(x_BTD, head_DV)
-    return (out, kv_out) if return_cache else out
+    result = (out, kv_out) if return_cache else (out,)
+    if return_aux:
+      result += (None if stats is None else jax.tree.map(lambda a: a.mean(axis=0), stats),)
+    return result if len(result) > 1 else result[0]
 
 
 def head_logits(x_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
@@ -249,14 +313,18 @@ def score_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, adapters: lo
   """The model as a `diffusion.ScoreFn` (per-token CE). `right_padded` promises every row's valid tokens
   are a prefix (training batches: packing, SFT pads and the random-length crop all keep it so), which
   lets cuDNN attention take key lengths; left-padded rows (rollouts) pass False. The output head runs in
-  chunks of `cfg.loss_chunk_size` positions when > 0; `adapters`: LoRA updates over `params` (the base)."""
+  chunks of `cfg.loss_chunk_size` positions when > 0; `adapters`: LoRA updates over `params` (the base).
+  A mixture-of-experts model's scores carry its router statistics (`TokenScores.aux`)."""
   chunk = cfg.loss_chunk_size
   call = functools.partial(apply, graphdef, params, right_padded=right_padded, adapters=adapters)
-  if not chunk:
+  if not chunk and not cfg.moe:
     return diffusion.from_logits(call)
 
   def scores(tokens_BL, valid_BL, targets_BL):
-    x_BLD, head_DV = call(tokens_BL, valid_BL, return_hidden=True)
-    return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)
+    if not chunk:
+      logits_BLV, aux = call(tokens_BL, valid_BL, return_aux=True)
+      return diffusion.from_logits(lambda *_: logits_BLV)(tokens_BL, valid_BL, targets_BL)._replace(aux=aux)
+    (x_BLD, head_DV), aux = call(tokens_BL, valid_BL, return_hidden=True, return_aux=True)
+    return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)._replace(aux=aux)
 
   return scores

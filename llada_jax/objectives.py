@@ -27,6 +27,9 @@ pipeline, serving and the converters read the record instead of comparing object
                  on-policy RL makes its batches from the data's prompts with the current policy
                  (llada_jax.rl).
 
+The train step calls a record's loss through `compute_loss`, which adds a mixture-of-experts model's router
+losses to every objective (the model returns its router statistics as values; nothing else adds them).
+
 Adding an objective = one `register(Objective(...))` entry here, its data builder in llada_jax/data (or
 an existing one) and its tests; config validation, the step, the plan and serving pick it up.
 """
@@ -39,7 +42,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from llada_jax import diffusion as diffusion_lib, grpo as grpo_lib, rl
+from llada_jax import diffusion as diffusion_lib, grpo as grpo_lib, moe as moe_lib, rl
 from llada_jax.data import pipeline
 
 
@@ -124,6 +127,31 @@ def get(name: str) -> Objective:
 def of(config) -> Objective:
   """The record of a `Config`'s `diffusion.objective`."""
   return get(config.diffusion.objective)
+
+
+def compute_loss(objective: Objective, score_fn, batch, rng: jax.Array, *, config, reference=None,
+                 router_losses: bool = True) -> diffusion_lib.LossOutput:
+  """`objective.loss`, plus a mixture-of-experts model's router losses: every call of the policy's
+  `score_fn` returns its router statistics (`TokenScores.aux`); their mean adds
+  `model.moe_aux_loss_weight` x load-balancing loss + `model.moe_z_loss_weight` x z-loss to the loss
+  (`router_losses=False`, validation: only reported) and both, unweighted, with the per-expert load to
+  the metrics (llada_jax.moe.router_losses). A dense model's loss is `objective.loss`'s, untouched."""
+  stats = []
+
+  def policy(*args):
+    scores = score_fn(*args)
+    if scores.aux is not None:
+      stats.append(scores.aux)
+    return scores
+
+  out = objective.loss(policy, batch, rng, config=config, reference=reference)
+  if not stats:
+    return out
+  m = config.model
+  extra, metrics = moe_lib.router_losses(moe_lib.mean_stats(stats), aux_weight=m.moe_aux_loss_weight,
+                                         z_weight=m.moe_z_loss_weight)
+  return out._replace(loss=out.loss + extra if router_losses else out.loss,
+                      metrics={**(out.metrics or {}), **metrics})
 
 
 def training_data(config, workdir: str, **host: Any) -> pipeline.TrainingData:

@@ -65,7 +65,8 @@ def to_peft(adapters: Any, m: ModelConfig, lora: LoraConfig) -> dict[str, np.nda
   if lora.token_ids:
     rows = jax.device_get(adapters["tokens"])
     out[TOKEN_TENSOR["embedding"]] = np.ascontiguousarray(rows["embedding"])
-    out[TOKEN_TENSOR["lm_head"]] = np.ascontiguousarray(np.asarray(rows["lm_head"]).T)  # ff_out rows [n, D]
+    if "lm_head" in rows:  # tied embeddings: the head reads the embedding rows
+      out[TOKEN_TENSOR["lm_head"]] = np.ascontiguousarray(np.asarray(rows["lm_head"]).T)  # ff_out rows [n, D]
   return out
 
 
@@ -80,7 +81,9 @@ def from_peft(tensors: dict[str, np.ndarray], m: ModelConfig, lora: LoraConfig) 
     out[target] = {"lora_a": np.stack(a), "lora_b": np.stack(b)}
   tree = {"blocks": out}
   if lora.token_ids:
-    tree["tokens"] = {"embedding": tensors[TOKEN_TENSOR["embedding"]], "lm_head": tensors[TOKEN_TENSOR["lm_head"]].T}
+    tree["tokens"] = {"embedding": tensors[TOKEN_TENSOR["embedding"]]}
+    if not m.tie_embeddings:
+      tree["tokens"]["lm_head"] = tensors[TOKEN_TENSOR["lm_head"]].T
   return tree
 
 
@@ -155,6 +158,9 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None, dtype
       raise ValueError(f"--adapter: {workdir} holds no LoRA adapters (its lora.rank is 0); export its weights "
                        "without --adapter")
     model_cfg = saved_model_config(saved)
+    if model_cfg.moe:
+      raise ValueError(f"--adapter: {workdir} adapts a mixture-of-experts model; PEFT adapter files are written "
+                       "for the dense LLaDA layout only. Export the merged model instead (--merge)")
     mesh_cfg, mesh = sharding.make_mesh_or_fallback(section_from_dict("mesh", saved.get("mesh", {})))
     adapters = serving.restore_adapters(ckpt, step, model_cfg, lora, mesh_cfg, mesh)
     record = ckpt.base_record(step) or {}

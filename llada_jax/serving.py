@@ -149,7 +149,8 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   training run's or a conversion's). Only the `model`, `diffusion.mask_token_id` and `mesh` entries of
   the checkpoint's config are read.
 
-  Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same).
+  Layers are unrolled for sampling on accelerators (faster per step; the parameter layout is the same), and
+  a mixture-of-experts model routes dropless (`model.capacity_factor` is a training setting).
   A LoRA run's workdir loads its base model (`train.init_from`, checked against the fingerprint its
   checkpoint records) with the adapters merged in.
   """
@@ -166,7 +167,9 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
       raise FileNotFoundError(f"no checkpoint step {step} in {ckpt.directory}; available steps: "
                               f"{sorted(ckpt.all_steps())} (leave out --step for the latest)")
     saved = ckpt.restore_config(step)
-    model_cfg = dataclasses.replace(saved_model_config(saved), scan_layers=jax.default_backend() == "cpu")
+    # Inference is dropless: with a capacity factor a token's experts would depend on its batch companions.
+    model_cfg = dataclasses.replace(saved_model_config(saved), scan_layers=jax.default_backend() == "cpu",
+                                    capacity_factor=0.0)
     mask_id = section_from_dict("diffusion", saved.get("diffusion", {})).mask_token_id
     if not 0 <= mask_id < model_cfg.vocab_size:
       raise ValueError(f"the checkpoint config in {ckpt.directory} has diffusion.mask_token_id={mask_id}, outside "

@@ -2,8 +2,9 @@
 
 The only module that knows how Flax spells sharding metadata (`out_sharding`, `eager_sharding`) and how
 the mesh is laid out. The model names axes logically ('batch', 'length', 'embed', 'heads', 'kv', 'mlp',
-'vocab', 'layers', 'norm'); a named rule set (`MeshConfig.rule_set`, tables in `RULE_SETS`, single
-entries overridable by `MeshConfig.rules`) maps those names onto the mesh axes ('data', 'fsdp', 'tensor').
+'vocab', 'layers', 'norm', 'expert'); a named rule set (`MeshConfig.rule_set`, tables in `RULE_SETS`,
+single entries overridable by `MeshConfig.rules`) maps those names onto the mesh axes ('data', 'fsdp',
+'expert', 'tensor').
 """
 
 from __future__ import annotations
@@ -21,19 +22,25 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from llada_jax import config as config_lib
 from llada_jax.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 _ALWAYS = (("length", None), ("kv", None), ("layers", None), ("norm", None))
 RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
     # Every device holds all parameters; the batch is split over data*fsdp.
     "dp": (("batch", ("data", "fsdp")), ("embed", None), ("heads", None), ("mlp", None),
-           ("vocab", None)) + _ALWAYS,
+           ("vocab", None), ("expert", None)) + _ALWAYS,
     # ZeRO-3 style: parameters (and optimizer state) split over fsdp along 'embed', gathered per layer.
     "fsdp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", None), ("mlp", None),
-             ("vocab", None)) + _ALWAYS,
+             ("vocab", None), ("expert", None)) + _ALWAYS,
     # fsdp, plus attention heads, MLP hidden units and the vocabulary split over 'tensor'.
     "fsdp_tp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-                ("vocab", "tensor")) + _ALWAYS,
+                ("vocab", "tensor"), ("expert", None)) + _ALWAYS,
+    # fsdp, plus expert parallelism: each device of the 'expert' axis holds num_experts / expert of every
+    # layer's experts (stacked [experts, ...] leaves split on that axis, then over fsdp along 'embed'), and
+    # the batch is split over every axis. The grouped matmuls over those leaves are partitioned by XLA's
+    # SPMD partitioner (llada_jax.moe.dispatch has no hand-written all-to-all).
+    "fsdp_ep": (("batch", ("data", "fsdp", "expert")), ("embed", "fsdp"), ("heads", None), ("mlp", None),
+                ("vocab", None), ("expert", "expert")) + _ALWAYS,
 }
 assert tuple(RULE_SETS) == config_lib.RULE_SETS
 assert all({name for name, _ in table} == set(config_lib.LOGICAL_AXES) for table in RULE_SETS.values())
@@ -47,13 +54,13 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axes (GSPMD-style propagation)."""
+  """Builds the ('data', 'fsdp', 'expert', 'tensor') mesh with Auto axes (GSPMD-style propagation)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.axis_sizes(len(devices))
+  auto = (AxisType.Auto,) * len(MESH_AXES)
   if devices == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                           axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def make_mesh_or_fallback(cfg: MeshConfig) -> tuple[MeshConfig, jax.sharding.Mesh]:
@@ -62,7 +69,7 @@ def make_mesh_or_fallback(cfg: MeshConfig) -> tuple[MeshConfig, jax.sharding.Mes
   try:
     cfg.axis_sizes(len(jax.devices()))
   except ValueError:
-    cfg = dataclasses.replace(cfg, data=1, fsdp=-1, tensor=1)
+    cfg = dataclasses.replace(cfg, data=1, fsdp=-1, expert=1, tensor=1)
   return cfg, make_mesh(cfg)
 
 

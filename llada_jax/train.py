@@ -87,7 +87,8 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen:
     policy = _score_fn(config, graphdef, params)
     # The reference model scores with the policy's score function over its own (constant) parameters.
     reference = _score_fn(config, graphdef, jax.lax.stop_gradient(frozen)) if objective.reference else None
-  out = objective.loss(policy, batch, rng, config=config, reference=reference)
+  out = objectives.compute_loss(objective, policy, batch, rng, config=config, reference=reference,
+                                router_losses=training)
   return out.loss, out
 
 

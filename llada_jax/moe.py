@@ -1,0 +1,134 @@
+"""Mixture-of-experts feed-forward (REFERENCE §13): routing, grouped dispatch, auxiliary losses.
+
+Pure functions of arrays (the model, llada_jax.model, owns the parameters):
+
+  route      router logits [N, E] -> each token's k experts and their weights. Scores are softmax or sigmoid
+             of the logits in float32; an optional per-expert bias is added for *choosing* only (LLaDA2.0's
+             aux-loss-free balancing), never to the weights; the chosen scores are optionally renormalised to
+             sum to 1, then multiplied by `scaling`.
+  dispatch   the experts' SwiGLU on the tokens routed to them: the N*k (token, expert) assignments are sorted
+             by expert, run through `jax.lax.ragged_dot` (one grouped matmul per projection: row block e
+             meets expert e's matrix) and combined back, weighted. Dropless unless `capacity` caps each
+             expert's assignments; the dropped ones (latest tokens first) are sorted past the last group,
+             where ragged_dot computes nothing, and contribute zero.
+  router_stats / router_losses   load-balancing loss, router z-loss and per-expert load, for the objective.
+
+Worked example: E = 4 experts, k = 2, softmax scores of one token [0.1, 0.5, 0.3, 0.1]: it goes to experts
+1 and 2 with weights 0.5 and 0.3 (renormalised: 0.625, 0.375). With a selection bias [0, 0, 0, 0.3] it goes
+to 1 and 3 with weights 0.5 and 0.1: the bias changed the choice, not the weight.
+
+Load balancing (Switch Transformer eq. 4, as the released LLaDA-MoE code's Mixtral-derived function): per
+layer aux = E * sum_e f_e * P_e, f_e = the share of tokens choosing expert e (sums to k over experts),
+P_e = their mean router probability (softmax scores; sigmoid scores normalised per token); balanced routing
+gives k. The z-loss (ST-MoE) is the mean over tokens of logsumexp(router logits)^2. Both are averaged over
+tokens that are not padding and over layers (the released code pools every layer's tokens into one mean).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  expert_NK: jax.Array   # int32: the k experts each token goes to, best first
+  weight_NK: jax.Array   # float32: their weights in the combination
+  probs_NE: jax.Array    # float32: router probabilities over all experts (for the balance loss)
+  logits_NE: jax.Array   # float32: the router logits (for the z-loss)
+
+
+def route(logits_NE: jax.Array, *, k: int, score: str = "softmax", renorm: bool = False,
+          scaling: float = 1.0, bias_E: jax.Array | None = None) -> Routing:
+  """Top-k routing of N tokens over E experts (see the module docstring), all in float32."""
+  logits = logits_NE.astype(jnp.float32)
+  if score == "softmax":
+    scores = jax.nn.softmax(logits, axis=-1)
+    probs = scores
+  elif score == "sigmoid":
+    scores = jax.nn.sigmoid(logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  else:
+    raise ValueError(f"router score must be 'softmax' or 'sigmoid'; got {score!r}")
+  choose = scores if bias_E is None else scores + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+  _, expert_NK = jax.lax.top_k(choose, k)
+  weight_NK = jnp.take_along_axis(scores, expert_NK, axis=-1)
+  if renorm:
+    weight_NK = weight_NK / jnp.sum(weight_NK, axis=-1, keepdims=True)
+  return Routing(expert_NK.astype(jnp.int32), weight_NK * scaling, probs, logits)
+
+
+def capacity(num_tokens: int, *, k: int, num_experts: int, factor: float) -> int | None:
+  """Assignments one expert may take: ceil(factor * tokens * k / experts); None (dropless) for factor 0."""
+  if not factor:
+    return None
+  return max(1, math.ceil(factor * num_tokens * k / num_experts))
+
+
+def dispatch(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
+             *, capacity: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """sum_j weight[n, j] * SwiGLU_{expert[n, j]}(x[n]) for every token, and which assignments ran [N, k].
+
+  The matmuls run in x's dtype (the weights are cast to it); the combination in float32.
+  """
+  N, K = routing.expert_NK.shape
+  E = gate_EDF.shape[0]
+  expert_A = routing.expert_NK.reshape(-1)            # assignment a = n * K + j
+  order_A = jnp.argsort(expert_A, stable=True)        # by expert, then by token
+  counts_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
+  if capacity is None:
+    group_sizes_E, kept_A = counts_E, jnp.ones((N * K,), bool)
+  else:
+    sorted_expert = expert_A[order_A]
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    keep_sorted = jnp.arange(N * K) - starts_E[sorted_expert] < capacity
+    # Kept assignments stay grouped by expert in front; dropped ones move past the last group.
+    order_A = order_A[jnp.argsort(jnp.where(keep_sorted, sorted_expert, E), stable=True)]
+    group_sizes_E = jnp.minimum(counts_E, capacity)
+    kept_A = jnp.zeros((N * K,), bool).at[order_A].set(jnp.arange(N * K) < jnp.sum(group_sizes_E))
+  dt = x_ND.dtype
+  x_AD = jnp.take(x_ND, order_A // K, axis=0)
+  gate = jax.lax.ragged_dot(x_AD, gate_EDF.astype(dt), group_sizes_E)
+  up = jax.lax.ragged_dot(x_AD, up_EDF.astype(dt), group_sizes_E)
+  y_AD = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD.astype(dt), group_sizes_E)
+  y_AD = jnp.zeros_like(y_AD).at[order_A].set(y_AD)   # back to assignment order
+  kept_NK = kept_A.reshape(N, K)
+  w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
+  y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(N, K, -1).astype(jnp.float32), w_NK)
+  return y_ND.astype(dt), kept_NK
+
+
+def router_stats(routing: Routing, kept_NK: jax.Array, valid_N: jax.Array | None = None) -> dict[str, jax.Array]:
+  """One layer's statistics over its non-padding tokens: 'aux' (load-balancing loss), 'z' (router z-loss),
+  'load' [E] (share of assignments each expert was chosen for; sums to 1) and 'dropped' (share of
+  assignments over capacity)."""
+  N, K = routing.expert_NK.shape
+  E = routing.probs_NE.shape[-1]
+  w_N = jnp.ones((N,), jnp.float32) if valid_N is None else valid_N.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w_N), 1.0)
+  chosen_NE = jnp.sum(jax.nn.one_hot(routing.expert_NK, E, dtype=jnp.float32), axis=1)  # [N, E], rows sum to K
+  f_E = jnp.einsum("ne,n->e", chosen_NE, w_N) / n
+  p_E = jnp.einsum("ne,n->e", routing.probs_NE, w_N) / n
+  lse_N = jax.nn.logsumexp(routing.logits_NE, axis=-1)
+  return {"aux": E * jnp.sum(f_E * p_E), "z": jnp.sum(w_N * lse_N ** 2) / n, "load": f_E / K,
+          "dropped": jnp.sum(w_N[:, None] * (~kept_NK)) / (n * K)}
+
+
+def mean_stats(stats: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """The mean of several calls' statistics, each already a mean over its layers."""
+  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *stats)
+
+
+def router_losses(stats: dict[str, jax.Array], *, aux_weight: float, z_weight: float
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(weighted loss to add, metrics) from layer-averaged statistics: moe_aux_loss and moe_z_loss (unweighted),
+  moe_dropped, expert_load_max (the busiest expert's share times E: 1 when balanced) and one
+  'expert_load/NNN' per expert (its share of assignments)."""
+  load_E = stats["load"]
+  metrics = {"moe_aux_loss": stats["aux"], "moe_z_loss": stats["z"], "moe_dropped": stats["dropped"],
+             "expert_load_max": jnp.max(load_E) * load_E.shape[0]}
+  width = len(str(load_E.shape[0] - 1))
+  metrics.update({f"expert_load/{e:0{width}d}": load_E[e] for e in range(load_E.shape[0])})
+  return aux_weight * stats["aux"] + z_weight * stats["z"], metrics
