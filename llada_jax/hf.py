@@ -1,16 +1,19 @@
-"""The Hugging Face layout of the released LLaDA checkpoints (REFERENCE §1), in and out, offline.
+"""Hugging Face checkpoints of the LLaDA family (REFERENCE §1, §12, §13), in and out, offline.
 
   model = hf.load("/models/LLaDA-8B-Instruct")                # sharded, ready to sample (a notebook)
   hf.import_checkpoint("/models/LLaDA-8B-Instruct", "/ckpt/llada8b")   # what `llada-convert` runs
   hf.export_checkpoint("/ckpt/my_run", "/models/my_llada")             # what `llada-export` runs
 
-A HF directory holds `config.json`, one or many `*.safetensors` files (with or without
-`model.safetensors.index.json`) and the tokenizer files. Only safetensors are read: a pickle checkpoint
-(`*.bin`) is refused, since unpickling can run code. Every tensor's name and shape is checked against
-the config from the file headers before any weight is read. Import streams one HF tensor at a time
-into the target sharding (a stacked layer leaf is filled layer by layer on the devices), so host memory
-holds one tensor beyond what the devices hold. PyTorch `[out, in]` matrices become our `[in, ...]`
-kernels by a transpose and a reshape; both directions are exact, so import -> export is bit-exact.
+Two layouts (llada_jax.hf_layouts), chosen by config.json's keys on import and by the model on export:
+the dense one of LLaDA and iLLaDA (`modeling_llada.py`; tied embeddings allowed) and LLaDA-MoE's
+(`modeling_lladamoe.py`). A HF directory holds `config.json`, one or many `*.safetensors` files (with or
+without `model.safetensors.index.json`) and the tokenizer files. Only safetensors are read: a pickle
+checkpoint (`*.bin`) is refused, since unpickling can run code. Every tensor's name and shape is checked
+against the config from the file headers before any weight is read. Import streams one HF tensor at a
+time into the target sharding (a stacked leaf is filled slice by slice on the devices: per layer, or per
+layer and expert), so host memory holds one tensor beyond what the devices hold. PyTorch `[out, in]`
+matrices become our `[in, ...]` kernels by a transpose and a reshape; both directions are exact, so
+import -> export is bit-exact.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint as ckpt_lib, files, model as model_lib, serving, sharding
+from llada_jax import checkpoint as ckpt_lib, files, hf_layouts, model as model_lib, serving, sharding
 from llada_jax.config import MeshConfig, ModelConfig
 from llada_jax.data import tokenizer as tokenizer_lib
 
@@ -35,98 +38,13 @@ HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the workd
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-# config.json keys that change the architecture: (key, value this implementation computes, required?).
-# Required keys are the ones REFERENCE §1 lists; optional ones are checked only when present.
-_ARCHITECTURE = (("block_type", "llama", True), ("activation_type", "silu", True),
-                 ("layer_norm_type", "rms", True), ("weight_tying", False, True),
-                 ("include_bias", False, True), ("include_qkv_bias", False, False), ("alibi", False, False),
-                 ("rope", True, False), ("attention_layer_norm", False, False),
-                 ("input_emb_norm", False, False), ("scale_logits", False, False),
-                 ("layer_norm_with_affine", True, False), ("bias_for_layer_norm", False, False),
-                 ("multi_query_attention", None, False), ("block_group_size", 1, False))
-_SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "max_sequence_length",
-               "rope_theta", "rms_norm_eps")
-
-
-def _need(cfg: dict, key: str, where: str) -> Any:
-  if cfg.get(key) is None:
-    raise ValueError(f"{where} lacks the key '{key}' (needed to build the model)")
-  return cfg[key]
-
-
-def model_config_from_hf(cfg: dict[str, Any], *, param_dtype: str, dtype: str = "bfloat16",
-                         where: str = CONFIG_FILE) -> ModelConfig:
-  """Our ModelConfig for a LLaDA `config.json`; an architecture this model does not compute is refused."""
-  for key, value, required in _ARCHITECTURE:
-    if key not in cfg:
-      if required:
-        raise ValueError(f"{where} lacks the key '{key}' (LLaDA sets it to {value!r})")
-    elif cfg[key] != value:
-      raise ValueError(f"{where}: '{key}'={cfg[key]!r} is not supported; llada_jax implements {value!r}")
-  d, n, layers, ffn, vocab, max_len, theta, eps = (_need(cfg, k, where) for k in _SHAPE_KEYS)
-  return ModelConfig(vocab_size=cfg.get("embedding_size") or vocab, d_model=d, num_layers=layers,
-                     num_heads=n, num_kv_heads=cfg.get("n_kv_heads") or n, mlp_dim=ffn, max_seq_len=max_len,
-                     rope_theta=float(theta), norm_eps=float(eps), init_std=float(cfg.get("init_std", 0.02)),
-                     dtype=dtype, param_dtype=param_dtype)
-
-
-def hf_config_from_model(m: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int,
-                         base: dict[str, Any] | None = None) -> dict[str, Any]:
-  """config.json for `m`: `base` (the imported file, so unknown keys survive) updated with our values."""
-  out = dict(base or {
-      "architectures": ["LLaDAModelLM"], "model_type": "llada",
-      "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                   "AutoModel": "modeling_llada.LLaDAModelLM",
-                   "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-      "alibi_bias_max": 8.0, "attention_dropout": 0.0, "embedding_dropout": 0.0, "residual_dropout": 0.0,
-      "flash_attention": False, "init_device": "meta", "init_fn": "mitchell", "mlp_ratio": 4,
-      "precision": "amp_bf16", "rope_full_precision": True, "use_cache": False,
-  })
-  out.update({key: value for key, value, _ in _ARCHITECTURE})
-  out.update(d_model=m.d_model, n_heads=m.num_heads, n_kv_heads=m.num_kv_heads, n_layers=m.num_layers,
-             mlp_hidden_size=m.mlp_dim, vocab_size=m.vocab_size, embedding_size=m.vocab_size,
-             max_sequence_length=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
-             init_std=m.init_std, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=pad_id)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parameter names and shapes
-
-
-class Tensor(NamedTuple):
-  """One HF tensor: its name and `[out, in]` shape, and the leaf (and layer) of ours it fills."""
-  name: str
-  shape: tuple[int, ...]
-  leaf: tuple[str, ...]
-  layer: int | None
-  transpose: bool  # PyTorch Linear [out, in] -> our kernel [in, ...]; False for the embedding table
-
-  def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(w.T.reshape(shape) if self.transpose else w.reshape(shape))
-
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape(self.shape[::-1]).T if self.transpose else x.reshape(self.shape))
-
-
-BLOCK = (("attn_norm", "attn_norm", False), ("q_proj", "q_proj", True), ("k_proj", "k_proj", True),
-          ("v_proj", "v_proj", True), ("attn_out", "attn_out", True), ("ff_norm", "ff_norm", False),
-          ("ff_gate", "ff_proj", True), ("ff_up", "up_proj", True), ("ff_down", "ff_out", True))
-
-
-def layout(m: ModelConfig) -> list[Tensor]:
-  """Every HF tensor of a model with config `m`, in the released file's order."""
-  d, n, k, h, f, v = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim, m.vocab_size
-  hf_shapes = {"attn_norm": (d,), "q_proj": (n * h, d), "k_proj": (k * h, d), "v_proj": (k * h, d),
-               "attn_out": (d, n * h), "ff_norm": (d,), "ff_proj": (f, d), "up_proj": (f, d), "ff_out": (d, f)}
-  out = [Tensor("model.transformer.wte.weight", (v, d), ("embedding",), None, False)]
-  for i in range(m.num_layers):
-    for ours, theirs, transpose in BLOCK:
-      out.append(Tensor(f"model.transformer.blocks.{i}.{theirs}.weight", hf_shapes[theirs],
-                        ("blocks", ours), i, transpose))
-  out.append(Tensor("model.transformer.ln_f.weight", (d,), ("final_norm",), None, False))
-  out.append(Tensor("model.transformer.ff_out.weight", (v, d), ("lm_head",), None, True))
-  return out
+# The layouts (config.json keys, tensor names and shapes) live in llada_jax.hf_layouts; llada_jax.peft
+# names its LoRA modules from the dense block's table.
+BLOCK = hf_layouts.BLOCK
+Tensor = hf_layouts.Tensor
+layout = hf_layouts.layout
+model_config_from_hf = hf_layouts.model_config_from_hf
+hf_config_from_model = hf_layouts.hf_config_from_model
 
 
 def _leaf(tree: Any, path: tuple[str, ...]) -> Any:
@@ -249,26 +167,35 @@ class HFDirectory:
 # Import
 
 
+def _write_slice(stack: jax.Array, piece: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
+  """`stack` with `piece` written at `index` (its leading axes: a layer, or a layer and an expert)."""
+  start = tuple(index) + (0,) * piece.ndim
+  return jax.lax.dynamic_update_slice(stack, piece.reshape((1,) * len(index) + piece.shape), start)
+
+
 def _place(hf_dir: HFDirectory, tensors: list[Tensor], abstract: Any, shardings: Any,
            dtype: np.dtype) -> dict:
-  """Reads each HF tensor once, converts it and writes it into its sharded leaf on the devices."""
+  """Reads each HF tensor once, converts it and writes it into its sharded leaf on the devices: a whole
+  leaf at once, a stacked one slice by slice (one layer, or one layer's expert) into zeros already there."""
   params = jax.tree.map(lambda _: None, abstract)
   by_leaf: dict[tuple[str, ...], list[Tensor]] = {}
   for t in tensors:
     by_leaf.setdefault(t.leaf, []).append(t)
   for path, group in by_leaf.items():
     target, where = _leaf(abstract, path), _leaf(shardings, path)
-    if group[0].layer is None:
+    depth = len(group[0].index)
+    if not depth:
       w = group[0].to_ours(hf_dir.read(group[0].name), target.shape).astype(dtype, copy=False)
       value = jax.device_put(w, where)
     else:
-      layer_sharding = sharding.without_leading_axis(where)
+      piece_sharding = where
+      for _ in range(depth):
+        piece_sharding = sharding.without_leading_axis(piece_sharding)
       value = jax.jit(lambda s=target.shape: jnp.zeros(s, dtype), out_shardings=where)()
-      put = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
-                    out_shardings=where, donate_argnums=0)
+      put = jax.jit(_write_slice, out_shardings=where, donate_argnums=0)
       for t in group:
-        w = t.to_ours(hf_dir.read(t.name), target.shape[1:]).astype(dtype, copy=False)
-        value = put(value, jax.device_put(w, layer_sharding), t.layer)
+        w = t.to_ours(hf_dir.read(t.name), target.shape[depth:]).astype(dtype, copy=False)
+        value = put(value, jax.device_put(w, piece_sharding), t.index)
     parent = _leaf(params, path[:-1])
     parent[path[-1]] = value
   return params
@@ -288,7 +215,7 @@ def _check_tokenizer(tok: Any, hf_cfg: dict, model_cfg: ModelConfig, where: str)
 
 def load(hf_dir: str | os.PathLike, *, mesh: MeshConfig = MeshConfig(), dtype: str = "keep",
          compute_dtype: str = "bfloat16", instruct: bool | None = None) -> serving.LoadedModel:
-  """A HF LLaDA directory as a sharded `serving.LoadedModel` (sample, chat, score: see serving).
+  """A HF LLaDA or LLaDA-MoE directory as a sharded `serving.LoadedModel` (sample, chat, score: see serving).
 
   `dtype` is the parameter dtype ('keep': as stored); `instruct` (default: 'instruct' in the folder's
   name) marks a chat model (`model.chat`), whose prompts get the chat template.
@@ -346,6 +273,10 @@ def import_checkpoint(hf_dir: str | os.PathLike, workdir: str | os.PathLike,
 # Export
 
 
+# One slice of a stacked leaf (traced indices: one compile per leaf shape, not per layer and expert).
+_take = jax.jit(lambda stack, index: stack[index])
+
+
 def _shards(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tensor]]:
   """Tensors grouped, in order, into files of at most `max_bytes` (a bigger tensor gets its own)."""
   groups: list[list[Tensor]] = [[]]
@@ -366,7 +297,9 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   Returns the weight files written. Host memory holds the restored parameters plus one file's tensors
   (`max_shard_bytes`), so smaller files mean a lower peak. A model trained here then loads in PyTorch with the released
-  `modeling_llada.py` / `configuration_llada.py` placed beside the files (`trust_remote_code=True`).
+  `modeling_llada.py` / `configuration_llada.py` (a mixture of experts: `modeling_lladamoe.py` /
+  `configuration_lladamoe.py`) placed beside the files (`trust_remote_code=True`). A model neither layout
+  expresses (e.g. a sigmoid router) is refused before anything is written.
   A LoRA run's workdir needs `merge=True`: its base model with the adapters merged in (llada_jax.peft
   writes the adapters alone).
   """
@@ -393,6 +326,12 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   if m.causal:
     raise ValueError("the HF LLaDA layout is for the bidirectional model; this workdir is causal (AR)")
   np_dtype = np.dtype(jnp.dtype(m.param_dtype if dtype == "keep" else dtype))
+  imported = files.path(workdir, HF_CONFIG_COPY)
+  base = json.loads(imported.read_text()) if imported.exists() else None
+  tok = model.tokenizer
+  # First, as it refuses a model the layout cannot express: nothing is written then.
+  hf_cfg = hf_config_from_model(m, mask_id=model.mask_id, eos_id=tok.eos_id, pad_id=tok.pad_id, base=base)
+  hf_cfg["torch_dtype"] = str(np_dtype) if np_dtype != np.float32 else "float32"
   tensors = layout(m)
   groups = _shards(tensors, np_dtype.itemsize, max_shard_bytes)
   names = (["model.safetensors"] if len(groups) == 1 else
@@ -403,7 +342,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
     arrays = {}
     for t in group:
       leaf = _leaf(model.params, t.leaf)
-      value = np.asarray(jax.device_get(leaf if t.layer is None else leaf[t.layer]))
+      value = np.asarray(jax.device_get(_take(leaf, t.index) if t.index else leaf))
       arrays[t.name] = t.to_hf(value.astype(np_dtype))
     # PyTorch loaders require the "format" tag.
     files.write_atomic_with(out / name, lambda local: save_file(arrays, local, metadata={"format": "pt"}))
@@ -412,12 +351,6 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
     total = sum(int(np.prod(t.shape)) * np_dtype.itemsize for t in tensors)
     files.write_atomic(out / INDEX_FILE, json.dumps({"metadata": {"total_size": total},
                                                      "weight_map": weight_map}, indent=2))
-  imported = files.path(workdir, HF_CONFIG_COPY)
-  base = json.loads(imported.read_text()) if imported.exists() else None
-  tok = model.tokenizer
-  hf_cfg = hf_config_from_model(m, mask_id=model.mask_id, eos_id=tok.eos_id,
-                                pad_id=tok.pad_id, base=base)
-  hf_cfg["torch_dtype"] = str(np_dtype) if np_dtype != np.float32 else "float32"
   files.write_atomic(out / CONFIG_FILE, json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
   tok.save_dir(out)
   return names

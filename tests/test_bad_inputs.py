@@ -28,7 +28,7 @@ import pytest
 
 import cli_forks
 from conftest import command_env
-from hf_fixtures import edit_json, write_hf_dir
+from hf_fixtures import edit_json, write_hf_dir, write_moe_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "errors.md")
@@ -53,6 +53,7 @@ class Case(NamedTuple):
 TINY = "--config={REPO}/configs/tiny.py"
 SFT_TINY = "--config={REPO}/configs/sft_tiny.py"
 GRPO_TINY = "--config={REPO}/configs/grpo_tiny.py"
+MOE_TINY = "--config={REPO}/configs/moe_tiny.py"
 RUN = "--workdir={ROOT}/runs/{CASE}"  # a fresh workdir per case: nothing one case writes reaches another
 TRAIN = ("llada-train", TINY, RUN)
 SAMPLE = ("llada-sample", "--workdir={W}")
@@ -85,6 +86,11 @@ CASES = [
          "'data.paths'", "one or more file paths or globs"),
     Case("config_batch_not_divisible_by_devices", "config value", (*TRAIN, "--dry_run", "--num_devices=3"),
          "'train.batch_size'", "must be a multiple of the 3 devices"),
+    Case("config_moe_topk_over_experts", "config value", ("llada-train", MOE_TINY, RUN,
+                                                          "--config.model.experts_per_token=9"),
+         "'model.experts_per_token'", "an integer in [1, 8]"),
+    Case("config_expert_axis_without_ep", "config value", ("llada-train", MOE_TINY, RUN, "--config.mesh.expert=2"),
+         "'mesh.expert'", "only 'fsdp_ep' splits over 'expert'"),
     # Config files: a file of your own with a mistake the command line would not let through.
     Case("config_file_wrong_type", "config file", ("llada-train", "--config={CONFIG_WRONG_TYPE}", RUN),
          "'train.num_steps'", "an integer >= 1; got 'ten'"),
@@ -224,8 +230,11 @@ CASES = [
     Case("hf_config_key_missing", "hf folder", ("llada-convert", "--hf_dir={HF_NO_KEY}", "--out={ROOT}/runs/{CASE}"),
          "lacks the key 'n_heads'", "needed to build the model"),
     Case("hf_unsupported_architecture", "hf folder",
-         ("llada-convert", "--hf_dir={HF_TIED}", "--out={ROOT}/runs/{CASE}"),
-         "'weight_tying'=True is not supported", "llada_jax implements False"),
+         ("llada-convert", "--hf_dir={HF_BIAS}", "--out={ROOT}/runs/{CASE}"),
+         "'include_bias'=True is not supported", "llada_jax implements False"),
+    Case("hf_moe_expert_bias_in_weights", "hf folder",
+         ("llada-convert", "--hf_dir={HF_MOE_BIAS}", "--out={ROOT}/runs/{CASE}"),
+         "'moe_router_enable_expert_bias'=True is not supported", "llada_jax implements False"),
     Case("hf_pickle_only", "hf folder", ("llada-convert", "--hf_dir={HF_PICKLE}", "--out={ROOT}/runs/{CASE}"),
          "pytorch_model.bin", "save_pretrained(dir, safe_serialization=True)"),
     Case("hf_tensor_missing", "hf folder", ("llada-convert", "--hf_dir={HF_NO_TENSOR}", "--out={ROOT}/runs/{CASE}"),
@@ -376,7 +385,7 @@ def write_inputs(root: str) -> dict[str, str]:
 
   broken("HF_NO_CONFIG", lambda d: os.remove(f"{d}/config.json"))
   broken("HF_NO_KEY", lambda d: edit_json(f"{d}/config.json", n_heads=None))
-  broken("HF_TIED", lambda d: edit_json(f"{d}/config.json", weight_tying=True))
+  broken("HF_BIAS", lambda d: edit_json(f"{d}/config.json", include_bias=True))
   broken("HF_PICKLE", lambda d: (os.remove(f"{d}/model.safetensors"),
                                  _write(f"{d}/pytorch_model.bin", b"\x80\x04not really a pickle")))
   broken("HF_NO_TENSOR", lambda d: _edit_safetensors(
@@ -386,6 +395,10 @@ def write_inputs(root: str) -> dict[str, str]:
                                                         np.zeros((32, 32), np.float32)})))
   broken("HF_TRUNCATED", lambda d: os.truncate(f"{d}/model.safetensors", 100_000))
   broken("HF_BAD_MASK", lambda d: edit_json(f"{d}/tokenizer_config.json", mask_token="<|no_such_piece|>"))
+  moe_dir = os.path.join(root, "hf", "hf_moe_bias")
+  write_moe_dir(moe_dir)
+  edit_json(f"{moe_dir}/config.json", moe_router_enable_expert_bias=True)
+  paths["HF_MOE_BIAS"] = moe_dir
   return paths
 
 

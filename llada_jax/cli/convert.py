@@ -1,5 +1,8 @@
 """`llada-convert`: a Hugging Face LLaDA checkpoint (safetensors) -> a llada_jax workdir, offline.
 
+LLaDA, iLLaDA (tied embeddings) and LLaDA-MoE folders are read alike: the layout follows config.json's keys
+(llada_jax.hf_layouts), and every size and special id comes from config.json and the tokenizer files.
+
   llada-convert --hf_dir=/models/LLaDA-8B-Instruct --out=/ckpt/llada8b_instruct
   llada-chat --workdir=/ckpt/llada8b_instruct
   llada-convert --adapter=/models/my-peft-lora --base=/ckpt/llada8b_instruct --out=/ckpt/llada8b_lora
@@ -48,7 +51,8 @@ def main(argv):
                                instruct=instruct)
   m = model.model_config
   kind = "instruct (chat template)" if model.chat else "base"
-  print(f"wrote {_OUT.value}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
+  experts = f", {m.num_experts} experts (top-{m.experts_per_token})" if m.moe else ""
+  print(f"wrote {_OUT.value}: {m.num_layers} layers, d_model {m.d_model}{experts}, vocab {m.vocab_size}, "
         f"{m.param_dtype} parameters, {kind} model, mask id {model.mask_id}")
   return 0
 

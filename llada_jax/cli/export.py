@@ -4,9 +4,10 @@
   llada-export --workdir=/tmp/llada_demo_lora --out=/tmp/llada_demo_lora_hf --merge      # a LoRA run, merged
   llada-export --workdir=/tmp/llada_demo_lora --out=/tmp/llada_demo_lora_peft --adapter  # its PEFT adapter
 
-The folder gets `config.json` (LLaDA keys), `model.safetensors` (or `model-0000k-of-0000n.safetensors`
-plus `model.safetensors.index.json`) and the tokenizer files. To load it with PyTorch `transformers`,
-copy the released `modeling_llada.py` and `configuration_llada.py` beside them (trust_remote_code).
+The folder gets `config.json` (LLaDA keys; a mixture-of-experts model: LLaDA-MoE's), `model.safetensors`
+(or `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`) and the tokenizer files. To load
+it with PyTorch `transformers`, copy the released `modeling_llada.py` and `configuration_llada.py` (LLaDA-MoE:
+`modeling_lladamoe.py` and `configuration_lladamoe.py`) beside them (trust_remote_code).
 A LoRA run's workdir exports with `--merge` (its base model with the adapters merged in) or `--adapter`
 (`adapter_model.safetensors` + `adapter_config.json` in PEFT's layout, for `PeftModel.from_pretrained`).
 """
