@@ -174,13 +174,22 @@ class Block(nnx.Module):
     B, T, D = y_BTD.shape
     # Tokens stay split like the batch around the dispatch (the flattened [B*T] axis keeps the batch split).
     y_ND = sharding.constrain(y_BTD.reshape(B * T, D), ("batch", "embed"))
-    logits_NE = jnp.einsum("nd,de->ne", y_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
-    bias = self.router_bias[...] if cfg.router_bias else None
-    routing = moe_lib.route(logits_NE, k=cfg.experts_per_token, score=cfg.router_score, renorm=cfg.router_renorm,
-                            scaling=cfg.routed_scaling, bias_E=bias)
-    cap = moe_lib.capacity(B * T, k=cfg.experts_per_token, num_experts=cfg.num_experts, factor=cfg.capacity_factor)
-    out_ND, kept_NK = moe_lib.dispatch(y_ND, routing, self.ff_gate[...], self.ff_up[...], self.ff_down[...],
-                                       capacity=cap)
+    logits_NE = sharding.constrain(
+        jnp.einsum("nd,de->ne", y_ND.astype(jnp.float32), self.router[...].astype(jnp.float32)), ("batch", None))
+    bias = (self.router_bias[...],) if cfg.router_bias else ()
+
+    def local(y_nD, logits_nE, gate_EDF, up_EDF, down_EFD, *bias_E):
+      # Each device routes, sorts and runs its own tokens (capacity counts them) against every expert's
+      # weights: under automatic partitioning top-k and the sort would run on the gathered global batch.
+      routing = moe_lib.route(logits_nE, k=cfg.experts_per_token, score=cfg.router_score,
+                              renorm=cfg.router_renorm, scaling=cfg.routed_scaling, bias_E=bias_E[0] if bias_E else None)
+      cap = moe_lib.capacity(y_nD.shape[0], k=cfg.experts_per_token, num_experts=cfg.num_experts,
+                             factor=cfg.capacity_factor)
+      out_nD, kept_nK = moe_lib.dispatch(y_nD, routing, gate_EDF, up_EDF, down_EFD, capacity=cap)
+      return out_nD, kept_nK, routing.expert_NK
+
+    experts = tuple(p[...].astype(dt) for p in (self.ff_gate, self.ff_up, self.ff_down))
+    out_ND, kept_NK, expert_NK = sharding.map_batch_shards(local, (y_ND, logits_NE), experts + bias)
     out_BTD = sharding.constrain(out_ND, ("batch", "embed")).reshape(B, T, D)
     if cfg.shared_expert_dim:
       w = lambda p: p[...].astype(dt)
@@ -188,6 +197,8 @@ class Block(nnx.Module):
           "btd,ds->bts", y_BTD, w(self.shared_up))
       out_BTD = out_BTD + jnp.einsum("bts,sd->btd", h_BTS, w(self.shared_down))
     valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
+    _, probs_NE = moe_lib.router_scores(logits_NE, cfg.router_score)
+    routing = moe_lib.Routing(expert_NK, None, probs_NE, logits_NE)
     return out_BTD, moe_lib.router_stats(routing, kept_NK, valid_N)
 
 

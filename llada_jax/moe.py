@@ -40,18 +40,24 @@ class Routing(NamedTuple):
   logits_NE: jax.Array   # float32: the router logits (for the z-loss)
 
 
+def router_scores(logits_NE: jax.Array, score: str = "softmax") -> tuple[jax.Array, jax.Array]:
+  """float32 (scores, probabilities) of router logits: softmax (both the same) or sigmoid (probabilities:
+  the scores normalised over experts, for the balance loss)."""
+  logits = logits_NE.astype(jnp.float32)
+  if score == "softmax":
+    s = jax.nn.softmax(logits, axis=-1)
+    return s, s
+  if score == "sigmoid":
+    s = jax.nn.sigmoid(logits)
+    return s, s / jnp.sum(s, axis=-1, keepdims=True)
+  raise ValueError(f"router score must be 'softmax' or 'sigmoid'; got {score!r}")
+
+
 def route(logits_NE: jax.Array, *, k: int, score: str = "softmax", renorm: bool = False,
           scaling: float = 1.0, bias_E: jax.Array | None = None) -> Routing:
   """Top-k routing of N tokens over E experts (see the module docstring), all in float32."""
   logits = logits_NE.astype(jnp.float32)
-  if score == "softmax":
-    scores = jax.nn.softmax(logits, axis=-1)
-    probs = scores
-  elif score == "sigmoid":
-    scores = jax.nn.sigmoid(logits)
-    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-  else:
-    raise ValueError(f"router score must be 'softmax' or 'sigmoid'; got {score!r}")
+  scores, probs = router_scores(logits, score)
   choose = scores if bias_E is None else scores + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
   _, expert_NK = jax.lax.top_k(choose, k)
   weight_NK = jnp.take_along_axis(scores, expert_NK, axis=-1)

@@ -1,7 +1,6 @@
 """Model families: mixture-of-experts routing and dispatch, QK-norm, partial RoPE, tied embeddings, presets,
 and every objective / sampler / scorer on a MoE model."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
