@@ -3,16 +3,23 @@
   python benchmarks/train_step.py --config=configs/tiny.py --steps=2 --warmup=1       # CPU smoke
   python benchmarks/train_step.py --config=configs/default.py:llada_1b \\
       --config.train.batch_size=8 --config.train.seq_len=4096 --config.model.remat_policy=full   # GPU
+  python benchmarks/train_step.py --config=configs/moe_tiny.py --num_devices=2 \\
+      --config.mesh.fsdp=1 --config.mesh.expert=2 --config.mesh.rule_set=fsdp_ep               # MoE, CPU
 
 Builds `llada_jax.train.setup(config)` on the configured mesh, initialises the state from the run's
-root key (a LoRA config, `lora.rank` > 0, gets a random base model) and feeds the same random batch (the fields the configured loss reads; no data pipeline, no
-tokenizer) to `Setup.step`: `--warmup` steps, then `--steps` timed ones, each waited for. Step time is
-the median of the timed steps; compile time is the first call's wall time less one median step.
+root key (a LoRA config, `lora.rank` > 0, gets a random base model) and feeds the same random batch (the
+fields the configured loss reads; no data pipeline, no tokenizer) to `Setup.step`: `--warmup` steps, then
+`--steps` timed ones, each waited for. Step time is the median of the timed steps; compile time is the first
+call's wall time less one median step.
 
 Model FLOPs (`llada_jax.metrics.train_flops_per_token`), per trained token:
   3 * (2 * matmul_params + 4 * num_layers * seq_len * num_heads * head_dim)
 i.e. forward + backward = 3x forward, every projection / SwiGLU / output-head weight once, and the full
-L^2 bidirectional attention. Recomputation by remat is not counted: these are model FLOPs, not hardware
+L^2 bidirectional attention. A mixture-of-experts model counts its ACTIVE parameters only (the router, the
+k chosen experts and the shared expert of each layer), so its MFU is that of the work a token needs, not
+of the full expert count; the table shows both counts ("params", "active params": the weights a
+token's matmuls use, counted here from the model's parameter tree: the embedding lookup and norms left out,
+k/E of every routed-expert leaf). Recomputation by remat is not counted: these are model FLOPs, not hardware
 FLOPs, so MFU does not rise when a policy recomputes more. MFU is given against the device's spec-sheet
 bf16 peak and, with `--measure_ceilings`, against the rate a chain of large bf16 matmuls reaches on it
 (benchmarks/ceilings.py, which also measures the device's copy bandwidth; both are printed and saved).
@@ -26,13 +33,12 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 import ceilings  # benchmarks/ceilings.py (the script's folder is on sys.path)
-from llada_jax import config as config_lib, metrics, sharding, train
+from llada_jax import config as config_lib, metrics, model as model_lib, sharding, train
 from llada_jax.cli import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :VARIANT).", lock_config=False)
@@ -46,7 +52,8 @@ _PROFILE = flags.DEFINE_string("profile_dir", None, "Trace the timed steps with 
                                "folder (TensorBoard profile + a Perfetto trace.json.gz).")
 _JSON = flags.DEFINE_string("json", None, "Also write the row (and the header facts) to this JSON file.")
 
-FORMULA = "3 * (2 * matmul_params + 4 * layers * seq_len * heads * head_dim); remat recompute not counted"
+FORMULA = ("3 * (2 * matmul_params + 4 * layers * seq_len * heads * head_dim); MoE: active matmul_params "
+           "(router + k experts + shared); remat recompute not counted")
 
 
 def _git_revision() -> str:
@@ -57,6 +64,25 @@ def _git_revision() -> str:
     return git("rev-parse", "--short", "HEAD").strip() + dirty
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+
+
+def param_counts(cfg: config_lib.ModelConfig) -> tuple[int, int]:
+  """(every parameter of the model, the active ones: the weights one token's matmuls use).
+
+  Active leaves out the embedding lookup (unless tied: then it is also the head) and the norms, and counts
+  k / num_experts of each routed-expert leaf (`ff_gate`, `ff_up`, `ff_down` of an MoE block); the router and
+  a shared expert count whole. Independent of `metrics.train_flops_per_token`, which it should agree with:
+  6 * active + attention = FLOPs per token.
+  """
+  _, state = model_lib.abstract_model(cfg)
+  total, active = 0, 0.0
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    name = jax.tree_util.keystr(path)
+    total += x.size
+    if "norm" in name or (name.startswith("['embedding']") and not cfg.tie_embeddings):
+      continue
+    active += x.size * (cfg.experts_per_token / cfg.num_experts if cfg.moe and "['ff_" in name else 1)
+  return total, round(active)
 
 
 def random_batch(config: config_lib.Config, rows: int) -> dict[str, np.ndarray]:
@@ -117,7 +143,8 @@ def main(argv):
   peak = _PEAK.value * 1e12 if _PEAK.value else metrics.peak_flops_per_device(device)
 
   s = train.setup(config)
-  num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+  num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))  # trained (LoRA: the adapters)
+  model_params, active_params = param_counts(m)
   step_s, compile_s, loss = time_steps(s, warmup=_WARMUP.value, steps=_STEPS.value, profile_dir=_PROFILE.value)
   mem = _peak_memory()  # before the ceilings below, whose buffers would count in the high-water mark
 
@@ -135,7 +162,8 @@ def main(argv):
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
       "overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
       "mesh": "x".join(str(v) for v in s.mesh.shape.values()), "batch": t.batch_size, "seq_len": t.seq_len,
-      "params": num_params, "dtype": m.dtype, "param_dtype": m.param_dtype, "mu_dtype": config.optim.mu_dtype,
+      "params": num_params, "model_params": model_params, "active_params": active_params, "dtype": m.dtype,
+      "param_dtype": m.param_dtype, "mu_dtype": config.optim.mu_dtype,
       "remat_policy": m.remat_policy, "attention_impl": m.attention_impl,
       "loss_chunk_size": m.loss_chunk_size, "step_s": step_s, "compile_s": compile_s,
       "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n_dev,
@@ -152,13 +180,14 @@ def main(argv):
   peak_s = f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (unknown device; --peak_tflops)"
   print(f"model FLOPs/token = {FORMULA}: {flops_per_token / 1e9:.4g} GFLOP at seq {t.seq_len}; "
         f"peak {peak_s}", flush=True)
-  cols = ["config", "mesh (data,fsdp,tensor)", "batch", "seq", "dtype/param[/mu]", "remat", "attn",
-          "loss chunk", "params", "step ms", "compile s", "tokens/s", "tokens/s/dev", "TFLOP/s/dev", "MFU",
-          "MFU vs matmul", "peak GiB/limit"]
+  cols = ["config", "mesh (data,fsdp,expert,tensor)", "batch", "seq", "dtype/param[/mu]", "remat", "attn",
+          "loss chunk", "params", "active params", "step ms", "compile s", "tokens/s", "tokens/s/dev", "TFLOP/s/dev",
+          "MFU", "MFU vs matmul", "peak GiB/limit"]
   dtypes = f"{m.dtype}/{m.param_dtype}" + (f"/{config.optim.mu_dtype}" if config.optim.mu_dtype else "")
-  params_s = f"{num_params / 1e9:.3f}B" if num_params >= 1e8 else f"{num_params / 1e6:.3f}M"
+  count_s = lambda n: f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
   vals = [row["config"] + "".join(f" {k}={v}" for k, v in row["overrides"].items()), row["mesh"],
-          t.batch_size, t.seq_len, dtypes, m.remat_policy, m.attention_impl, m.loss_chunk_size, params_s,
+          t.batch_size, t.seq_len, dtypes, m.remat_policy, m.attention_impl, m.loss_chunk_size,
+          count_s(model_params), count_s(active_params),
           f"{step_s * 1e3:.1f}", f"{compile_s:.1f}",
           f"{tokens / step_s:.1f}", f"{tokens / step_s / n_dev:.1f}", f"{tflops_dev:.3f}", pct(row["mfu"]),
           pct(row["mfu_vs_measured"]), mem_s]

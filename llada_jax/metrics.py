@@ -33,13 +33,25 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Model FLOPs per trained token, forward + backward (3x forward).
 
-  Forward: 2 FLOPs per multiply-add of every matrix (attention projections, SwiGLU, output head; the
-  embedding lookup is free) plus attention scores and values, 2 * 2 * seq_len * num_heads * head_dim per
-  layer. Attention is bidirectional, so the full L^2 term is counted; the causal baseline is counted the
-  same way (what the hardware computes without a causal kernel).
+  Forward: 2 FLOPs per multiply-add of every matrix a token goes through (attention projections, the
+  feed-forward, the output head; the embedding lookup is free) plus attention scores and values,
+  2 * 2 * seq_len * num_heads * head_dim per layer. Attention is bidirectional, so the full L^2 term is
+  counted; the causal baseline is counted the same way (what the hardware computes without a causal kernel).
+  The output head counts even when tied to the embedding (`tie_embeddings`): the matmul still runs.
+
+  A mixture-of-experts FFN (`num_experts` > 0) counts ACTIVE parameters only: the router (d_model x
+  num_experts), the k = experts_per_token chosen experts' SwiGLU (3 * d_model * mlp_dim each) and the shared
+  expert (3 * d_model * shared_expert_dim); the other experts' weights cost nothing for this token. So it
+  equals the dense count with mlp_dim = k * mlp_dim + shared_expert_dim, plus d_model * num_experts per
+  layer. E.g. llada_moe_7b_a1b (d 2048, 16 layers, k 8 of 64, width 1024, vocab 157184): 1.40B active
+  matrix parameters (head included) of 7.36B, 6 * 1.40e9 + 12 * 16 * 4096 * 2048 = 10.0 GFLOP per token
+  at seq 4096.
+  Dispatch (sort, gather, scatter) and zero-padding (`mlp_pad_to`) are not model FLOPs.
   """
-  d, h, f = cfg.d_model, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * h * (cfg.num_heads * 2 + cfg.num_kv_heads * 2) + 3 * d * f
+  d, h = cfg.d_model, cfg.head_dim
+  ffn_width = cfg.experts_per_token * cfg.mlp_dim + cfg.shared_expert_dim if cfg.moe else cfg.mlp_dim
+  router = d * cfg.num_experts if cfg.moe else 0
+  per_layer = d * h * (cfg.num_heads * 2 + cfg.num_kv_heads * 2) + 3 * d * ffn_width + router
   matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
   attention = cfg.num_layers * 4 * seq_len * cfg.num_heads * h
   return 3 * (2 * matmul_params + attention)
@@ -144,7 +156,8 @@ class Progress:
     done = max(step - self.start, 1)
     elapsed = time.time() - self.t0
     eta = elapsed / done * (self.total - step)
-    fields = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+    # Families of scalars ('expert_load/07', ...) go to the files only: one line stays readable.
+    fields = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items() if "/" not in k)
     return f"step {step}/{self.total} {fields} elapsed={elapsed:.0f}s eta={eta:.0f}s"
 
   def print(self, step: int, scalars: Mapping[str, float]) -> None:

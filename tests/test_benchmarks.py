@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 from conftest import command_env
+from llada_jax import config as config_lib, metrics
+from llada_jax.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,10 +35,11 @@ def _table(stdout):
 
 
 def test_train_step_benchmark_prints_a_row_and_json(tmp_path):
-  out = _train_step("configs/tiny.py", f"--json={tmp_path / 'row.json'}", f"--profile_dir={tmp_path / 'prof'}")
+  # A mixture-of-experts preset (dense ones run in the SFT test below and in the GPU suite's rehearsal).
+  out = _train_step("configs/moe_tiny.py", f"--json={tmp_path / 'row.json'}", f"--profile_dir={tmp_path / 'prof'}")
   assert "jax " in out.splitlines()[0] and "remat recompute not counted" in out
   row = _table(out)
-  assert row["mesh (data,fsdp,tensor)"] == "1x1x1" and row["batch"] == "8" and row["seq"] == "32"
+  assert row["mesh (data,fsdp,expert,tensor)"] == "1x1x1x1" and row["batch"] == "8" and row["seq"] == "32"
   assert row["peak GiB/limit"] == "n/a" and row["MFU"] == "n/a"  # CPU: no memory stats, no peak
   for col in ("step ms", "tokens/s", "tokens/s/dev"):
     assert math.isfinite(float(row[col])) and float(row[col]) > 0, row
@@ -44,6 +47,14 @@ def test_train_step_benchmark_prints_a_row_and_json(tmp_path):
   assert saved["step_s"] > 0 and saved["tokens_per_s"] > 0 and math.isfinite(saved["loss"])
   assert saved["peak_bytes"] is None and saved["num_devices"] == 1
   assert saved["measured_matmul_tflops"] is None  # ceilings are measured on accelerators only by default
+  # MFU counts the active parameters: 2 of 8 experts per token. The script's count from the parameter tree
+  # and the FLOPs formula agree, and the printed columns show both counts.
+  cfg = config_lib.from_config_dict(default.get_config("moe_tiny")).model
+  assert saved["flops_per_token"] == metrics.train_flops_per_token(cfg, 32)
+  attention = 12 * cfg.num_layers * 32 * cfg.num_heads * cfg.head_dim
+  assert saved["flops_per_token"] == 6 * saved["active_params"] + attention
+  assert saved["active_params"] < saved["model_params"] / 2 and saved["model_params"] == saved["params"]
+  assert row["params"] == f"{saved['model_params'] / 1e6:.3f}M" != row["active params"]
   # The profiled timed steps summarise into kernel rows whose shares add up to the busy time.
   summary = _script("trace_summary.py", str(tmp_path / "prof"), "--top=1000")
   busy = float(summary.split("busy time ")[1].split(" ms")[0])
@@ -73,7 +84,7 @@ def test_attention_benchmark_compares_backends_to_xla():
 def test_train_step_benchmark_sft_remat_two_devices():
   # The SFT batch fields (prompt_len, valid), a remat policy and a 2-device FSDP mesh in one run.
   row = _table(_train_step("configs/sft_tiny.py", "--config.model.remat_policy=full", "--num_devices=2"))
-  assert row["remat"] == "full" and row["mesh (data,fsdp,tensor)"] == "1x2x1" and row["seq"] == "64"
+  assert row["remat"] == "full" and row["mesh (data,fsdp,expert,tensor)"] == "1x2x1x1" and row["seq"] == "64"
   assert float(row["tokens/s"]) > 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -40,6 +41,43 @@ def test_train_flops_match_an_independent_count(variant):
   seq = 4096
   expected = 6 * matrix_params + 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
   assert metrics.train_flops_per_token(cfg, seq) == expected
+
+
+def test_moe_flops_count_the_active_experts_router_and_shared_expert():
+  """An MoE layer costs what a dense SwiGLU of width k * f + shared costs, plus the router's d * E: the
+  FLOPs grow with the experts a token uses (k), and with the expert count (E) only through the router."""
+  base = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=16)
+  moe = lambda **kw: config_lib.ModelConfig(**base | dict(num_experts=8, experts_per_token=2) | kw)
+  seq, router = 64, 6 * 2 * 32  # one expert's router column: 6 FLOPs per weight, d_model weights, 2 layers
+  for k, shared in ((1, 0), (2, 0), (2, 24), (8, 0)):
+    dense = config_lib.ModelConfig(**base | dict(mlp_dim=k * 16 + shared))
+    got = metrics.train_flops_per_token(moe(experts_per_token=k, shared_expert_dim=shared), seq)
+    assert got == metrics.train_flops_per_token(dense, seq) + 8 * router, (k, shared)
+  one_more_expert = 6 * 2 * 3 * 32 * 16  # a SwiGLU of width 16 in each of 2 layers
+  assert (metrics.train_flops_per_token(moe(experts_per_token=3), seq)
+          - metrics.train_flops_per_token(moe(experts_per_token=2), seq)) == one_more_expert
+  assert (metrics.train_flops_per_token(moe(num_experts=64), seq)
+          - metrics.train_flops_per_token(moe(num_experts=8), seq)) == 56 * router
+
+
+@pytest.mark.parametrize("variant", ["llada_moe_7b_a1b", "illada_8b"])
+def test_moe_and_tied_flops_match_the_parameters_a_token_uses(variant):
+  """From the model's own parameter tree: k/E of every expert leaf, the router, every projection; the
+  head once even when tied (then only the embedding holds it); no norms."""
+  cfg = config_lib.from_config_dict(default.get_config(variant)).model
+  _, state = model.abstract_model(cfg)
+  active = 0.0
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    name = jax.tree_util.keystr(path)
+    if "norm" in name or (name.startswith("['embedding']") and not cfg.tie_embeddings):
+      continue
+    share = cfg.experts_per_token / cfg.num_experts if cfg.moe and "ff_" in name else 1
+    active += x.size * share
+  seq = 4096
+  expected = 6 * active + 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
+  assert metrics.train_flops_per_token(cfg, seq) == pytest.approx(expected, rel=1e-12)
+  if cfg.moe:  # ~1.4B of 7.4B parameters active (embedding excluded), as the preset's name says
+    assert 1.3e9 < active < 1.5e9 and model.count_params(state) > 7e9
 
 
 def test_peak_flops_lookup_is_explicit_about_unknown_devices():
