@@ -478,8 +478,8 @@ class MeshConfig:
     dp       batches split over data*fsdp, parameters replicated (small models)
     fsdp     batches over data*fsdp, parameters sharded over fsdp along 'embed' (the default)
     fsdp_tp  fsdp plus heads/mlp/vocab split over 'tensor' (Megatron-style tensor parallelism)
-    fsdp_ep  fsdp plus the experts of a mixture-of-experts model stored split over 'expert' (each layer's
-             experts are gathered for its compute, as fsdp gathers a layer); batches over data*fsdp*expert
+    fsdp_ep  fsdp plus expert parallelism: a mixture-of-experts model's experts split over 'expert', each
+             token's assignments sent to their experts' devices by all-to-all; batches over data*fsdp*expert
   `rules` overrides single entries of the named set: pairs (logical_name, mesh axis | tuple | None).
   """
 

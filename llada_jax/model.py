@@ -178,18 +178,23 @@ class Block(nnx.Module):
         jnp.einsum("nd,de->ne", y_ND.astype(jnp.float32), self.router[...].astype(jnp.float32)), ("batch", None))
     bias = (self.router_bias[...],) if cfg.router_bias else ()
 
-    def local(y_nD, logits_nE, gate_EDF, up_EDF, down_EFD, *bias_E):
-      # Each device routes, sorts and runs its own tokens (capacity counts them) against every expert's
-      # weights: under automatic partitioning top-k and the sort would run on the gathered global batch.
-      routing = moe_lib.route(logits_nE, k=cfg.experts_per_token, score=cfg.router_score,
-                              renorm=cfg.router_renorm, scaling=cfg.routed_scaling, bias_E=bias_E[0] if bias_E else None)
+    def local(y_nD, logits_nE, gate_EDF, up_EDF, down_EFD, *bias_E, split_axis):
+      # Each device routes and sorts its own tokens (capacity counts them): under automatic partitioning
+      # top-k and the sort would run on the gathered global batch. With the experts split over a mesh axis
+      # the tokens travel to their experts (all-to-all); otherwise the layer's experts come whole.
+      routing = moe_lib.route(logits_nE, k=cfg.experts_per_token, score=cfg.router_score, renorm=cfg.router_renorm,
+                              scaling=cfg.routed_scaling, bias_E=bias_E[0] if bias_E else None)
       cap = moe_lib.capacity(y_nD.shape[0], k=cfg.experts_per_token, num_experts=cfg.num_experts,
                              factor=cfg.capacity_factor)
-      out_nD, kept_nK = moe_lib.dispatch(y_nD, routing, gate_EDF, up_EDF, down_EFD, capacity=cap)
+      if split_axis is None:
+        out_nD, kept_nK = moe_lib.dispatch(y_nD, routing, gate_EDF, up_EDF, down_EFD, capacity=cap)
+      else:
+        out_nD, kept_nK = moe_lib.dispatch_split(y_nD, routing, gate_EDF, up_EDF, down_EFD, axis=split_axis,
+                                                 capacity=cap)
       return out_nD, kept_nK, routing.expert_NK
 
     experts = tuple(p[...].astype(dt) for p in (self.ff_gate, self.ff_up, self.ff_down))
-    out_ND, kept_NK, expert_NK = sharding.map_batch_shards(local, (y_ND, logits_NE), experts + bias)
+    out_ND, kept_NK, expert_NK = sharding.map_batch_shards(local, (y_ND, logits_NE), bias, split=experts)
     out_BTD = sharding.constrain(out_ND, ("batch", "embed")).reshape(B, T, D)
     if cfg.shared_expert_dim:
       w = lambda p: p[...].astype(dt)

@@ -11,6 +11,8 @@ Pure functions of arrays (the model, llada_jax.model, owns the parameters):
              meets expert e's matrix) and combined back, weighted. Dropless unless `capacity` caps each
              expert's assignments; the dropped ones (latest tokens first) are sorted past the last group,
              where ragged_dot computes nothing, and contribute zero.
+  dispatch_split the same with the experts split over a mesh axis: assignments travel to their expert's
+             device and back by all-to-alls (expert parallelism, inside a shard_map).
   router_stats / router_losses   load-balancing loss, router z-loss and per-expert load, for the objective.
 
 Worked example: E = 4 experts, k = 2, softmax scores of one token [0.1, 0.5, 0.3, 0.1]: it goes to experts
@@ -103,6 +105,61 @@ def dispatch(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_EDF: jax
   kept_NK = kept_A.reshape(N, K)
   w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
   y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(N, K, -1).astype(jnp.float32), w_NK)
+  return y_ND.astype(dt), kept_NK
+
+
+def dispatch_split(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_EDF: jax.Array,
+                   down_EFD: jax.Array, *, axis, capacity: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """`dispatch` with the experts split over the mesh axis `axis` (expert parallelism; call inside a
+  `shard_map` over it): each of its P devices holds E/P consecutive experts ([E/P, ...] leaves here), and
+  every assignment travels to the device of its expert and back by two all-to-alls.
+
+  Send buffer: P slots of N*k rows (room for every assignment going to one device: dropless), slot j
+  holding this device's assignments to device j's experts, sorted by expert. A device receives P such
+  slots, regroups their rows by its own experts for the grouped matmuls (rows past a slot's count are
+  padding, sorted past the last group, where ragged_dot computes nothing), returns each result to its slot,
+  and the all-to-all back brings them home. Equal to `dispatch` with every expert local, up to summation
+  order; the buffers are P x N*k rows per device.
+  """
+  N, K = routing.expert_NK.shape
+  E_local, D = gate_EDF.shape[0], x_ND.shape[-1]
+  P = jax.lax.axis_size(axis)
+  E, A = E_local * P, N * K
+  expert_A = routing.expert_NK.reshape(-1)
+  order_A = jnp.argsort(expert_A, stable=True)
+  sorted_expert = expert_A[order_A]
+  counts_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
+  keep_sorted = jnp.ones((A,), bool)
+  if capacity is not None:
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    keep_sorted = jnp.arange(A) - starts_E[sorted_expert] < capacity
+    counts_E = jnp.minimum(counts_E, capacity)
+  # Slot of each kept row: its device's slot, at its rank among the kept rows sent there.
+  dest = sorted_expert // E_local
+  sent_P = counts_E.reshape(P, E_local).sum(axis=1)
+  rank = jnp.cumsum(keep_sorted) - 1 - (jnp.cumsum(sent_P) - sent_P)[dest]
+  row = jnp.where(keep_sorted, dest * A + rank, P * A)  # dropped rows point past the buffer
+  x_sorted = jnp.take(x_ND, order_A // K, axis=0)
+  send = jnp.zeros((P * A, D), x_ND.dtype).at[row].set(x_sorted, mode="drop")
+  recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)
+  recv_counts = jax.lax.all_to_all(counts_E.reshape(P, E_local), axis, 0, 0, tiled=True)  # [source, mine]
+  # Each received row's local expert (E_local: padding), from its position within its source's slot.
+  ends = jnp.cumsum(recv_counts, axis=1)                                     # [P, E_local]
+  within = jnp.arange(A)
+  local_expert = jax.vmap(lambda e: jnp.searchsorted(e, within, side="right"))(ends).reshape(-1)
+  order_R = jnp.argsort(local_expert, stable=True)
+  group_sizes = recv_counts.sum(axis=0)
+  x_R = jnp.take(recv, order_R, axis=0)
+  dt = x_ND.dtype
+  gate = jax.lax.ragged_dot(x_R, gate_EDF.astype(dt), group_sizes)
+  up = jax.lax.ragged_dot(x_R, up_EDF.astype(dt), group_sizes)
+  y_R = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD.astype(dt), group_sizes)
+  back = jax.lax.all_to_all(jnp.zeros_like(y_R).at[order_R].set(y_R), axis, 0, 0, tiled=True)
+  y_sorted = jnp.take(back, jnp.minimum(row, P * A - 1), axis=0)
+  y_A = jnp.zeros((A, D), dt).at[order_A].set(jnp.where(keep_sorted[:, None], y_sorted, 0))
+  kept_NK = jnp.zeros((A,), bool).at[order_A].set(keep_sorted).reshape(N, K)
+  w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
+  y_ND = jnp.einsum("nkd,nk->nd", y_A.reshape(N, K, D).astype(jnp.float32), w_NK)
   return y_ND.astype(dt), kept_NK
 
 

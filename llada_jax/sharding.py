@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -35,11 +36,10 @@ RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
     # fsdp, plus attention heads, MLP hidden units and the vocabulary split over 'tensor'.
     "fsdp_tp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                 ("vocab", "tensor"), ("expert", None)) + _ALWAYS,
-    # fsdp, plus the experts split over 'expert': each device of that axis stores num_experts / expert of
-    # every layer's experts (stacked [experts, ...] leaves split on it, then over fsdp along 'embed'), and
-    # the batch is split over every axis. Each device routes its own tokens (`map_batch_shards`) against the
-    # layer's experts gathered whole, as FSDP gathers a layer: the storage is split, the communication is
-    # FSDP's (no all-to-all of tokens to the experts' devices yet).
+    # fsdp, plus expert parallelism: each device of the 'expert' axis holds num_experts / expert of every
+    # layer's experts (stacked [experts, ...] leaves split on it, then over fsdp along 'embed'), and the
+    # batch is split over every axis. Each device routes its own tokens (`map_batch_shards`) and sends every
+    # assignment to its expert's device and back by all-to-all (llada_jax.moe.dispatch_split).
     "fsdp_ep": (("batch", ("data", "fsdp", "expert")), ("embed", "fsdp"), ("heads", None), ("mlp", None),
                 ("vocab", None), ("expert", "expert")) + _ALWAYS,
 }
@@ -116,25 +116,33 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
-def map_batch_shards(fn: Callable[..., Any], rows: Sequence[jax.Array], whole: Sequence[jax.Array] = ()) -> Any:
-  """`fn(*rows, *whole)` run on each device's share of the batch: a `shard_map` over the mesh axes the
-  'batch' rule names, the leading axis of every `rows` array (and of every output) split over them and
-  each `whole` array given entire to every device (XLA gathers it first, as FSDP gathers a layer).
+def map_batch_shards(fn: Callable[..., Any], rows: Sequence[jax.Array], whole: Sequence[jax.Array] = (),
+                     split: Sequence[jax.Array] = ()) -> Any:
+  """`fn(*rows, *split, *whole, split_axis=...)` run on each device's share of the batch: a `shard_map` over
+  the mesh axes the 'batch' rule names, the leading axis of every `rows` array (and of every output) split
+  over them and each `whole` array given entire to every device (XLA gathers it first, as FSDP gathers a
+  layer). The `split` arrays have their leading axis split over the mesh axes the 'expert' rule names, and
+  `fn` gets those axes as `split_axis` (for its collectives); when they are unsplit (size 1, or not dividing
+  the leading axis) the `split` arrays come whole and `split_axis` is None.
 
   For computations whose cost must follow the local batch, not the global one (the mixture-of-experts
   dispatch sorts its tokens: under automatic partitioning a sort over a split axis runs on the gathered
   global axis). Outside `use_rules`, on one device, or when the mesh does not divide the rows, `fn` runs
-  on the whole arrays.
+  on the whole arrays (split_axis None).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or not flax_spmd.get_logical_axis_rules():
-    return fn(*rows, *whole)
+    return fn(*rows, *split, *whole, split_axis=None)
+  size = lambda spec: int(np.prod([mesh.shape[a] for a in (spec if isinstance(spec, tuple) else (spec,))]))
   axis = logical_spec(("batch",))[0]
-  axes = axis if isinstance(axis, tuple) else ((axis,) if axis else ())
-  if not axes or rows[0].shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
-    return fn(*rows, *whole)
-  in_specs = tuple(P(axis) for _ in rows) + tuple(P() for _ in whole)
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=P(axis))(*rows, *whole)
+  if axis is None or rows[0].shape[0] % size(axis):
+    return fn(*rows, *split, *whole, split_axis=None)
+  experts = logical_spec(("expert",))[0]
+  if experts is not None and (size(experts) == 1 or any(x.shape[0] % size(experts) for x in split)):
+    experts = None
+  in_specs = (tuple(P(axis) for _ in rows) + tuple(P(experts) for _ in split) + tuple(P() for _ in whole))
+  body = functools.partial(fn, split_axis=experts)
+  return jax.shard_map(body, in_specs=in_specs, out_specs=P(axis))(*rows, *split, *whole)
 
 
 def _var_names(v: nnx.Variable) -> tuple[str | None, ...]:

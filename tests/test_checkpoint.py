@@ -36,7 +36,7 @@ def test_restore_onto_a_different_mesh_shape(tmp_path, devices):
   new_cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4})
   s24 = train.setup(new_cfg)
   restored = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).restore(1, s24.abstract_state)
-  assert dict(restored.params["embedding"].sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(restored.params["embedding"].sharding.mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
   assert restored.params["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   assert state.params["embedding"].sharding.is_fully_replicated  # fsdp=1 held whole copies
   for a, b in zip(_leaves(state), _leaves(restored)):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llada_jax import config as config_lib, evaluate, lora as lora_lib, model as model_lib, moe, objectives, sampling, sharding, train
+from llada_jax import (config as config_lib, evaluate, lora as lora_lib, model as model_lib, moe, objectives, sampling,
+                       sharding, train)
 from llada_jax.configs import default
 
 
@@ -114,6 +115,37 @@ def test_grouped_dispatch_equals_a_dense_loop_values_and_gradients():
   g2 = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2, 3, 4)))(x, router, gate, up, down)
   for a, b in zip(g1, g2):
     assert float(jnp.abs(a).max()) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_expert_parallel_dispatch_equals_the_local_one(devices, cap):
+  """4 devices, each with 8 tokens and 2 of the 8 experts: routing every assignment to its expert's device
+  and back by all-to-all gives each device's tokens what `dispatch` gives them with all experts at hand
+  (values, which assignments a capacity keeps, and gradients)."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.asarray(devices[:4]), ("x",))
+  x, router, gate, up, down = _moe_inputs(N=32, E=8)
+  routing = lambda x_: moe.route(x_ @ router, k=2, renorm=True)
+
+  def split(x_, gate_, up_, down_):
+    y, kept = moe.dispatch_split(x_, routing(x_), gate_, up_, down_, axis="x", capacity=cap)
+    return y, kept
+
+  def local(x_, gate_, up_, down_):  # the reference: every device's tokens against all the experts
+    return moe.dispatch(x_, routing(x_), gate_, up_, down_, capacity=cap)
+
+  ep = jax.jit(jax.shard_map(split, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P("x")), out_specs=P("x")))
+  ref = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P(), P(), P()), out_specs=P("x")))
+  (y1, k1), (y2, k2) = ep(x, gate, up, down), ref(x, gate, up, down)
+  np.testing.assert_array_equal(k1, k2)
+  if cap is not None:
+    assert not bool(k2.all()), "the capacity must drop something"
+  np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+  probe = jax.random.normal(jax.random.key(4), x.shape)
+  grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0] * probe), argnums=(0, 1, 2, 3)))
+  for a, b in zip(grad(ep)(x, gate, up, down), grad(ref)(x, gate, up, down)):
+    assert float(jnp.abs(b).max()) > 0
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
