@@ -56,7 +56,7 @@ def pytest_unconfigure(config):
 # is left with a long file at the end while the other idles. Only the order changes, never what runs;
 # a file not listed goes after these, in the usual order.
 SLOW_FILES = ("test_preference.py", "test_benchmarks.py", "test_train.py", "test_grpo.py", "test_lora.py", "test_sampling.py",
-              "test_multihost.py", "test_server.py", "test_finetune.py", "test_harness.py", "test_reversal.py", "test_performance.py",
+              "test_multihost.py", "test_server.py", "test_moe.py", "test_finetune.py", "test_harness.py", "test_reversal.py", "test_performance.py",
               "test_checkpoint.py", "test_generate.py", "test_kill.py", "test_notebooks.py", "test_hf.py",
               "test_evaluate.py", "test_model.py", "test_bad_inputs.py", "test_checkpoint_faults.py",
               "test_serving.py", "test_objectives.py", "test_nonfinite.py", "test_tokenizer_cli.py", "test_cli.py")
