@@ -191,10 +191,10 @@ class Block(nnx.Module):
       else:
         out_nD, kept_nK = moe_lib.dispatch_split(y_nD, routing, gate_EDF, up_EDF, down_EFD, axis=split_axis,
                                                  capacity=cap)
-      return out_nD, kept_nK, routing.expert_NK
+      return out_nD, kept_nK, routing
 
     experts = tuple(p[...].astype(dt) for p in (self.ff_gate, self.ff_up, self.ff_down))
-    out_ND, kept_NK, expert_NK = sharding.map_batch_shards(local, (y_ND, logits_NE), bias, split=experts)
+    out_ND, kept_NK, routing = sharding.map_batch_shards(local, (y_ND, logits_NE), bias, split=experts)
     out_BTD = sharding.constrain(out_ND, ("batch", "embed")).reshape(B, T, D)
     if cfg.shared_expert_dim:
       w = lambda p: p[...].astype(dt)
@@ -202,8 +202,6 @@ class Block(nnx.Module):
           "btd,ds->bts", y_BTD, w(self.shared_up))
       out_BTD = out_BTD + jnp.einsum("bts,sd->btd", h_BTS, w(self.shared_down))
     valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
-    _, probs_NE = moe_lib.router_scores(logits_NE, cfg.router_score)
-    routing = moe_lib.Routing(expert_NK, None, probs_NE, logits_NE)
     return out_BTD, moe_lib.router_stats(routing, kept_NK, valid_N)
 
 

@@ -42,24 +42,18 @@ class Routing(NamedTuple):
   logits_NE: jax.Array   # float32: the router logits (for the z-loss)
 
 
-def router_scores(logits_NE: jax.Array, score: str = "softmax") -> tuple[jax.Array, jax.Array]:
-  """float32 (scores, probabilities) of router logits: softmax (both the same) or sigmoid (probabilities:
-  the scores normalised over experts, for the balance loss)."""
-  logits = logits_NE.astype(jnp.float32)
-  if score == "softmax":
-    s = jax.nn.softmax(logits, axis=-1)
-    return s, s
-  if score == "sigmoid":
-    s = jax.nn.sigmoid(logits)
-    return s, s / jnp.sum(s, axis=-1, keepdims=True)
-  raise ValueError(f"router score must be 'softmax' or 'sigmoid'; got {score!r}")
-
-
 def route(logits_NE: jax.Array, *, k: int, score: str = "softmax", renorm: bool = False,
           scaling: float = 1.0, bias_E: jax.Array | None = None) -> Routing:
   """Top-k routing of N tokens over E experts (see the module docstring), all in float32."""
   logits = logits_NE.astype(jnp.float32)
-  scores, probs = router_scores(logits, score)
+  if score == "softmax":
+    scores = jax.nn.softmax(logits, axis=-1)
+    probs = scores
+  elif score == "sigmoid":
+    scores = jax.nn.sigmoid(logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  else:
+    raise ValueError(f"router score must be 'softmax' or 'sigmoid'; got {score!r}")
   choose = scores if bias_E is None else scores + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
   _, expert_NK = jax.lax.top_k(choose, k)
   weight_NK = jnp.take_along_axis(scores, expert_NK, axis=-1)
@@ -75,37 +69,54 @@ def capacity(num_tokens: int, *, k: int, num_experts: int, factor: float) -> int
   return max(1, math.ceil(factor * num_tokens * k / num_experts))
 
 
+def _by_expert(expert_NK: jax.Array, num_experts: int, capacity: int | None
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The assignments (a = n * K + j) sorted by expert, then by token: (order [A], their experts [A], each
+  expert's count [E] after the capacity, which sorted assignments the capacity keeps [A])."""
+  expert_A = expert_NK.reshape(-1)
+  order_A = jnp.argsort(expert_A, stable=True)
+  sorted_expert = expert_A[order_A]
+  counts_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
+  if capacity is None:
+    return order_A, sorted_expert, counts_E, jnp.ones(expert_A.shape, bool)
+  starts_E = jnp.cumsum(counts_E) - counts_E
+  keep_sorted = jnp.arange(expert_A.shape[0]) - starts_E[sorted_expert] < capacity
+  return order_A, sorted_expert, jnp.minimum(counts_E, capacity), keep_sorted
+
+
+def _swiglu_groups(x_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
+                   group_sizes_E: jax.Array) -> jax.Array:
+  """Rows grouped by expert through their expert's SwiGLU (rows past the last group give zeros)."""
+  dt = x_RD.dtype
+  gate = jax.lax.ragged_dot(x_RD, gate_EDF.astype(dt), group_sizes_E)
+  up = jax.lax.ragged_dot(x_RD, up_EDF.astype(dt), group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD.astype(dt), group_sizes_E)
+
+
+def _combine(y_AD: jax.Array, kept_A: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
+  """Each token's expert outputs (assignment order) summed with their weights, in float32; dropped
+  assignments weigh 0. Returns the result in y's dtype and the kept mask [N, K]."""
+  N, K = routing.expert_NK.shape
+  kept_NK = kept_A.reshape(N, K)
+  w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
+  y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(N, K, -1).astype(jnp.float32), w_NK)
+  return y_ND.astype(y_AD.dtype), kept_NK
+
+
 def dispatch(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
              *, capacity: int | None = None) -> tuple[jax.Array, jax.Array]:
   """sum_j weight[n, j] * SwiGLU_{expert[n, j]}(x[n]) for every token, and which assignments ran [N, k].
 
   The matmuls run in x's dtype (the weights are cast to it); the combination in float32.
   """
-  N, K = routing.expert_NK.shape
-  E = gate_EDF.shape[0]
-  expert_A = routing.expert_NK.reshape(-1)            # assignment a = n * K + j
-  order_A = jnp.argsort(expert_A, stable=True)        # by expert, then by token
-  counts_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
-  if capacity is None:
-    group_sizes_E, kept_A = counts_E, jnp.ones((N * K,), bool)
-  else:
-    sorted_expert = expert_A[order_A]
-    starts_E = jnp.cumsum(counts_E) - counts_E
-    keep_sorted = jnp.arange(N * K) - starts_E[sorted_expert] < capacity
+  K, E = routing.expert_NK.shape[1], gate_EDF.shape[0]
+  order_A, sorted_expert, group_sizes_E, keep_sorted = _by_expert(routing.expert_NK, E, capacity)
+  kept_A = jnp.zeros(keep_sorted.shape, bool).at[order_A].set(keep_sorted)
+  if capacity is not None:
     # Kept assignments stay grouped by expert in front; dropped ones move past the last group.
     order_A = order_A[jnp.argsort(jnp.where(keep_sorted, sorted_expert, E), stable=True)]
-    group_sizes_E = jnp.minimum(counts_E, capacity)
-    kept_A = jnp.zeros((N * K,), bool).at[order_A].set(jnp.arange(N * K) < jnp.sum(group_sizes_E))
-  dt = x_ND.dtype
-  x_AD = jnp.take(x_ND, order_A // K, axis=0)
-  gate = jax.lax.ragged_dot(x_AD, gate_EDF.astype(dt), group_sizes_E)
-  up = jax.lax.ragged_dot(x_AD, up_EDF.astype(dt), group_sizes_E)
-  y_AD = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD.astype(dt), group_sizes_E)
-  y_AD = jnp.zeros_like(y_AD).at[order_A].set(y_AD)   # back to assignment order
-  kept_NK = kept_A.reshape(N, K)
-  w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
-  y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(N, K, -1).astype(jnp.float32), w_NK)
-  return y_ND.astype(dt), kept_NK
+  y_AD = _swiglu_groups(jnp.take(x_ND, order_A // K, axis=0), gate_EDF, up_EDF, down_EFD, group_sizes_E)
+  return _combine(jnp.zeros_like(y_AD).at[order_A].set(y_AD), kept_A, routing)  # back to assignment order
 
 
 def dispatch_split(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_EDF: jax.Array,
@@ -124,16 +135,8 @@ def dispatch_split(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_ED
   N, K = routing.expert_NK.shape
   E_local, D = gate_EDF.shape[0], x_ND.shape[-1]
   P = jax.lax.axis_size(axis)
-  E, A = E_local * P, N * K
-  expert_A = routing.expert_NK.reshape(-1)
-  order_A = jnp.argsort(expert_A, stable=True)
-  sorted_expert = expert_A[order_A]
-  counts_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
-  keep_sorted = jnp.ones((A,), bool)
-  if capacity is not None:
-    starts_E = jnp.cumsum(counts_E) - counts_E
-    keep_sorted = jnp.arange(A) - starts_E[sorted_expert] < capacity
-    counts_E = jnp.minimum(counts_E, capacity)
+  A = N * K
+  order_A, sorted_expert, counts_E, keep_sorted = _by_expert(routing.expert_NK, E_local * P, capacity)
   # Slot of each kept row: its device's slot, at its rank among the kept rows sent there.
   dest = sorted_expert // E_local
   sent_P = counts_E.reshape(P, E_local).sum(axis=1)
@@ -148,19 +151,11 @@ def dispatch_split(x_ND: jax.Array, routing: Routing, gate_EDF: jax.Array, up_ED
   within = jnp.arange(A)
   local_expert = jax.vmap(lambda e: jnp.searchsorted(e, within, side="right"))(ends).reshape(-1)
   order_R = jnp.argsort(local_expert, stable=True)
-  group_sizes = recv_counts.sum(axis=0)
-  x_R = jnp.take(recv, order_R, axis=0)
-  dt = x_ND.dtype
-  gate = jax.lax.ragged_dot(x_R, gate_EDF.astype(dt), group_sizes)
-  up = jax.lax.ragged_dot(x_R, up_EDF.astype(dt), group_sizes)
-  y_R = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD.astype(dt), group_sizes)
+  y_R = _swiglu_groups(jnp.take(recv, order_R, axis=0), gate_EDF, up_EDF, down_EFD, recv_counts.sum(axis=0))
   back = jax.lax.all_to_all(jnp.zeros_like(y_R).at[order_R].set(y_R), axis, 0, 0, tiled=True)
   y_sorted = jnp.take(back, jnp.minimum(row, P * A - 1), axis=0)
-  y_A = jnp.zeros((A, D), dt).at[order_A].set(jnp.where(keep_sorted[:, None], y_sorted, 0))
-  kept_NK = jnp.zeros((A,), bool).at[order_A].set(keep_sorted).reshape(N, K)
-  w_NK = jnp.where(kept_NK, routing.weight_NK, 0.0)
-  y_ND = jnp.einsum("nkd,nk->nd", y_A.reshape(N, K, D).astype(jnp.float32), w_NK)
-  return y_ND.astype(dt), kept_NK
+  y_AD = jnp.zeros((A, D), y_R.dtype).at[order_A].set(jnp.where(keep_sorted[:, None], y_sorted, 0))
+  return _combine(y_AD, jnp.zeros((A,), bool).at[order_A].set(keep_sorted), routing)
 
 
 def router_stats(routing: Routing, kept_NK: jax.Array, valid_N: jax.Array | None = None) -> dict[str, jax.Array]:

@@ -69,7 +69,12 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_config(**overrides) -> config_lib.Config:
   """The `tiny` preset with dotted overrides, e.g. tiny_config(**{"train.num_steps": 4})."""
-  c = default.get_config("tiny")
+  return preset_config("tiny", **overrides)
+
+
+def preset_config(variant: str, **overrides) -> config_lib.Config:
+  """A configs/default.py preset with dotted overrides, e.g. preset_config("moe_tiny", **{"mesh.expert": 2})."""
+  c = default.get_config(variant)
   for key, value in overrides.items():
     section, field = key.split(".")
     c[section][field] = value

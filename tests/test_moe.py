@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import preset_config, tiny_config
 from llada_jax import (config as config_lib, evaluate, lora as lora_lib, model as model_lib, moe, objectives, sampling,
                        sharding, train)
 from llada_jax.configs import default
@@ -15,11 +15,7 @@ from llada_jax.configs import default
 
 def _moe_config(**overrides) -> config_lib.Config:
   """The moe_tiny preset with dotted overrides."""
-  c = default.get_config("moe_tiny")
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
-  return config_lib.from_config_dict(c)
+  return preset_config("moe_tiny", **overrides)
 
 
 # --- routing against NumPy ---------------------------------------------------------------------------
