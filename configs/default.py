@@ -41,6 +41,8 @@ def base() -> ml_collections.ConfigDict:
                              # dropped); 0: dropless
   m.moe_aux_loss_weight = 0.01  # MoE: weight of the load-balancing loss added to every objective
   m.moe_z_loss_weight = 0.001   # MoE: weight of the router z-loss
+  m.block_size = 0           # >0: block-causal attention over blocks of this many tokens (block diffusion,
+                             # REFERENCE §14; the block_* objectives); 0: bidirectional. Shapes no parameter
   m.chat = ml_collections.config_dict.placeholder(bool)  # the model answers chat-templated prompts;
                              # None: what the objective trains (True for sft); stored in checkpoints
   m.scan_layers = True       # lax.scan over stacked layers (fast compiles) vs an unrolled Python loop
@@ -58,7 +60,8 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion = d = ml_collections.ConfigDict()
   d.objective = "pretrain"   # pretrain (masked diffusion) | sft (prompt never masked) | ar (next token)
                              # | vrpo (preferences on ELBOs) | ar_dpo (exact DPO, causal baseline)
-                             # | grpo (RL with verifiable rewards, diffu-GRPO)
+                             # | grpo (RL with verifiable rewards, diffu-GRPO) | block_diffusion (block
+                             # diffusion on packed text, needs model.block_size) | block_sft (its SFT)
   d.mask_token_id = 4        # id of the mask token M; 4 for the built-in sentencepiece tokenizer
   d.noise_eps = 1e-3         # masking probability p = (1 - eps) * t + eps, t ~ U(0, 1)
   d.random_length_prob = 0.01  # fraction of batches cropped to a random length (REFERENCE §2)
@@ -93,6 +96,14 @@ def base() -> ml_collections.ConfigDict:
   g.suppress_eos_confidence = False  # rollouts: commit EOS / end of turn last
   g.early_exit = False       # rollouts: stop a row once only EOS can follow
   g.kv_cache = "none"        # rollouts: none | prefix | dual (Fast-dLLM's approximate cache)
+
+  c.block = b = ml_collections.ConfigDict()  # block_diffusion / block_sft only (REFERENCE §14)
+  b.t_min = 0.0              # t ~ U(t_min, t_max), one per sequence (LLaDA2.0 SFT clips t; dFactory 0.3-0.8)
+  b.t_max = 1.0              # upper end of that band
+  b.weighting = "inverse_t"  # inverse_t: masked CE / p (the bound) | mean: CE averaged over masked tokens
+  b.complementary = False    # every row also trains under its mask's complement (twice the rows)
+  b.schedule = ()            # ((size, until_step), ...): block size `size` below until_step, then
+                             # model.block_size; e.g. ((1, 1000), (4, 2000)) for 1 -> 4 -> 32
 
   c.lora = lo = ml_collections.ConfigDict()  # LoRA fine-tuning (REFERENCE §11); any objective
   lo.rank = 0                # adapter rank; 0: off (every parameter trains). >0 freezes train.init_from's
@@ -213,6 +224,21 @@ def grpo(c: ml_collections.ConfigDict, init_from: str = "") -> ml_collections.Co
   c.data.source = "task"
   c.optim.update(b1=0.9, b2=0.99, weight_decay=0.1, grad_clip_norm=0.2, stage2_steps=0, decay_steps=0,
                  warmup_steps=0)
+  return c
+
+
+def block(c: ml_collections.ConfigDict, block_size: int = 32, init_from: str = "",
+          sft: bool = False) -> ml_collections.ConfigDict:
+  """The block-diffusion counterpart of a preset (REFERENCE §14): the same model made block-causal over
+  `block_size` tokens, continued from `init_from` (e.g. a pure-diffusion run: the parameters are the
+  same) with a fresh optimizer, on packed text, or (`sft`) on the preset's SFT data with the prompt clean.
+  Samples come from `sampling.generate_blocks`."""
+  c.model.block_size = block_size
+  c.diffusion.objective = "block_sft" if sft else "block_diffusion"
+  c.train.init_from = init_from
+  if init_from:
+    c.optim.update(warmup_steps=min(50, c.train.num_steps // 10), stage2_steps=0,
+                   decay_steps=max(1, c.train.num_steps // 10), final_lr_ratio=0.1)
   return c
 
 

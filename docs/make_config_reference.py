@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_PY = ROOT / "configs" / "default.py"
 CONFIG_PY = ROOT / "llada_jax" / "config.py"
 OUTPUT = ROOT / "docs" / "config.md"
-SECTIONS = ("model", "diffusion", "preference", "grpo", "lora", "optim", "data", "mesh", "train")
+SECTIONS = ("model", "diffusion", "preference", "grpo", "block", "lora", "optim", "data", "mesh", "train")
 
 
 def _load(path: pathlib.Path, name: str) -> Any:

@@ -88,6 +88,10 @@ class ModelConfig:
   with `router_score` (softmax | sigmoid, float32), the chosen weights optionally renormalised
   (`router_renorm`) and multiplied by `routed_scaling`; `router_bias` adds a per-expert bias used to choose
   experts only, never in the weights; `shared_expert_dim` > 0 adds a dense SwiGLU every token goes through.
+  Block diffusion (REFERENCE §14): `block_size` > 0 makes attention block-causal over blocks of that many
+  tokens (a position sees its own block and every earlier one), which the block-diffusion objectives train
+  and `sampling.generate_blocks` decodes with an exact KV cache; 0 is the bidirectional model. It shapes
+  no parameter, so a pure-diffusion checkpoint continues as a block model (`train.init_from`).
   `capacity_factor` > 0 caps each expert at ceil(factor * tokens * k / E) assignments (the rest dropped,
   earliest tokens first kept); 0 is dropless. `moe_aux_loss_weight` / `moe_z_loss_weight` weight the
   load-balancing and router z-losses every objective adds while training.
@@ -117,6 +121,7 @@ class ModelConfig:
   capacity_factor: float = _field(0.0, _EXECUTION)
   moe_aux_loss_weight: float = _field(0.01, _EXECUTION)
   moe_z_loss_weight: float = _field(0.001, _EXECUTION)
+  block_size: int = _field(0, _USAGE)
   chat: bool | None = _field(None, _USAGE)
   scan_layers: bool = _field(True, _EXECUTION)
   remat_policy: str = _field("none", _EXECUTION)
@@ -162,6 +167,10 @@ class ModelConfig:
     _check_float(s, "capacity_factor", self.capacity_factor, 0.0, 1000.0)
     _check_float(s, "moe_aux_loss_weight", self.moe_aux_loss_weight, 0.0, 1000.0)
     _check_float(s, "moe_z_loss_weight", self.moe_z_loss_weight, 0.0, 1000.0)
+    _check_int(s, "block_size", self.block_size, 0, self.max_seq_len)
+    if self.block_size and self.causal:
+      _fail(f"{s}.block_size", "0 for the causal baseline (model.causal=True): blocks are for diffusion models",
+            self.block_size)
     if self.chat is not None and not isinstance(self.chat, bool):
       _fail(f"{s}.chat", "True, False or None (what the objective trains)", self.chat)
 
@@ -194,6 +203,52 @@ class DiffusionConfig:
     _check_int(s, "mask_token_id", self.mask_token_id, 0)
     _check_float(s, "noise_eps", self.noise_eps, 0.0, 1.0, lo_open=True)
     _check_float(s, "random_length_prob", self.random_length_prob, 0.0, 1.0)
+
+
+BLOCK_WEIGHTINGS = ("inverse_t", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Block-diffusion training (`diffusion.objective` block_diffusion / block_sft; REFERENCE §14); the block
+  size itself is `model.block_size`. Other objectives ignore this section.
+
+  One t per sequence, t ~ U(`t_min`, `t_max`) (LLaDA2.0 SFT clips t to a band; dFactory ships [0.3, 0.8]),
+  each maskable token masked with p = (1 - eps) t + eps. `weighting`: 'inverse_t' is the bound (masked CE
+  / p, REFERENCE §14), 'mean' averages the CE over masked tokens (dFactory's SFT). `complementary`: every
+  row also trains under the complement of its mask (p -> 1 - p), so each maskable token is predicted
+  once per pair (twice the rows per step). `schedule`: ((size, until_step), ...) trains with block size
+  `size` for steps below `until_step` (in order), then `model.block_size`: e.g. ((1, 1000), (4, 2000))
+  with model.block_size=32 is LLaDA2.0's 1 -> 4 -> 32 warm-up. Validation always uses model.block_size.
+  """
+
+  t_min: float = 0.0
+  t_max: float = 1.0
+  weighting: str = "inverse_t"
+  complementary: bool = False
+  schedule: tuple = ()
+
+  def __post_init__(self):
+    s = "block"
+    _check_float(s, "t_min", self.t_min, 0.0, 1.0)
+    _check_float(s, "t_max", self.t_max, 0.0, 1.0)
+    if self.t_max <= self.t_min:
+      _fail(f"{s}.t_max", f"greater than block.t_min={self.t_min}", self.t_max)
+    _check_choice(s, "weighting", self.weighting, BLOCK_WEIGHTINGS)
+    if not isinstance(self.complementary, bool):
+      _fail(f"{s}.complementary", "True or False", self.complementary)
+    last = 0
+    for stage in self.schedule:
+      ok = isinstance(stage, tuple) and len(stage) == 2 and all(
+          isinstance(v, int) and not isinstance(v, bool) for v in stage)
+      if not ok or stage[0] < 1 or stage[1] <= last:
+        _fail(f"{s}.schedule", "pairs (block_size >= 1, until_step) with until_step increasing from 1, e.g. "
+              "((1, 1000), (4, 2000))", self.schedule)
+      last = stage[1]
+
+  def sizes(self, final: int) -> tuple[int, ...]:
+    """Every block size a run trains with: the schedule's, then `final` (model.block_size)."""
+    return tuple(size for size, _ in self.schedule) + (final,)
 
 
 PREFERENCE_ESTIMATORS = ("t", "l")
@@ -292,9 +347,11 @@ class GrpoConfig:
       raise ValueError(str(e).replace("sampling option '", f"config field '{s}.")) from None
 
   def sampling(self, **overrides: Any) -> dict[str, Any]:
-    """The rollouts' `sampling.SamplingConfig` fields (with `overrides`, e.g. temperature=0.0 for evaluation)."""
+    """The rollouts' `sampling.SamplingConfig` fields (with `overrides`, e.g. temperature=0.0 for evaluation);
+    the block-model fields (token editing) stay at their defaults: rollouts sample bidirectional models."""
     from llada_jax import sampling  # imported here: sampling imports the model, which imports this module
-    return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(sampling.SamplingConfig)}, **overrides}
+    return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(sampling.SamplingConfig)
+               if hasattr(self, f.name)}, **overrides}
 
 
 # The projections an adapter can wrap, by their parameter names in the model (llada_jax.model.Block).
@@ -578,6 +635,7 @@ class Config:
   preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
+  block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -611,6 +669,16 @@ class Config:
     if objective.causal != m.causal:
       _fail("model.causal", f"{objective.causal} for diffusion.objective={objective.name!r} (causal objectives: "
             f"{[n for n in _objectives().names() if _objectives().get(n).causal]})", m.causal)
+    if objective.blocks != bool(m.block_size):
+      blocky = [n for n in _objectives().names() if _objectives().get(n).blocks]
+      _fail("model.block_size", f"{'> 0' if objective.blocks else '0'} for diffusion.objective={objective.name!r} "
+            f"(block-causal models train with {blocky})", m.block_size)
+    if objective.blocks:
+      for size in self.block.sizes(m.block_size):
+        if t.seq_len % size:
+          where = "model.block_size" if size == m.block_size else "block.schedule"
+          _fail(where, f"block sizes that divide train.seq_len={t.seq_len} (a row is whole blocks)",
+                m.block_size if where == "model.block_size" else self.block.schedule)
     ffn_targets = [x for x in self.lora.targets if x.startswith("ff_")]
     if self.lora.enabled and m.moe and ffn_targets:
       _fail("lora.targets", f"attention projections only on a mixture-of-experts model (model.num_experts="
@@ -638,7 +706,7 @@ class Config:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "diffusion": DiffusionConfig, "preference": PreferenceConfig, "lora": LoraConfig,
-    "grpo": GrpoConfig, "optim": OptimConfig,
+    "grpo": GrpoConfig, "block": BlockConfig, "optim": OptimConfig,
     "data": DataConfig, "mesh": MeshConfig, "train": TrainConfig,
 }
 

@@ -27,7 +27,9 @@ class TokenScores(NamedTuple):
   aux: dict | None = None
 
 
-ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], TokenScores]  # (inputs_BL, valid_BL, targets_BL)
+# (inputs_BL, valid_BL, targets_BL, **model options) -> TokenScores; the options (a block model's
+# `noised_half`, `segment_BT`, `block_size`) pass through to the model call.
+ScoreFn = Callable[..., TokenScores]
 
 
 class NoisyBatch(NamedTuple):
@@ -91,8 +93,9 @@ def _token_nll(logits_BLV: jax.Array, tokens_BL: jax.Array) -> TokenScores:
 
 
 def from_logits(logits_fn: LogitsFn) -> ScoreFn:
-  """The `ScoreFn` of a model that returns full logits."""
-  return lambda inputs_BL, valid_BL, targets_BL: _token_nll(logits_fn(inputs_BL, valid_BL), targets_BL)
+  """The `ScoreFn` of a model that returns full logits (model options pass through to `logits_fn`)."""
+  return lambda inputs_BL, valid_BL, targets_BL, **options: _token_nll(logits_fn(inputs_BL, valid_BL, **options),
+                                                                       targets_BL)
 
 
 def chunked_scores(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array, *,
@@ -283,7 +286,7 @@ def token_logprob(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
 
 def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Array, prompt_len_B: jax.Array,
                      valid_BL: jax.Array, mask_id: int, num_samples: int, estimator: str = "l",
-                     eps: float = 1e-3, cfg_scale: float = 0.0) -> jax.Array:
+                     eps: float = 1e-3, cfg_scale: float = 0.0, noised_half: bool = False) -> jax.Array:
   """float32 [B]: a Monte Carlo lower bound on log p(response | prompt), averaged over S samples per row.
 
   Row b holds prompt (positions < prompt_len_B[b]) + response (the remaining valid positions, length L).
@@ -295,6 +298,11 @@ def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Ar
   cfg_scale > 0 the logits are `guided_logits` (uncond + (scale + 1)(cond - uncond), uncond having the
   prompt masked by `unconditional_tokens`).
   For a one-token response, 'l' always masks that token with weight 1: the estimate is exact.
+  `noised_half`: a block-diffusion model (REFERENCE §14), which predicts a token from its noised block and
+  the clean blocks before it: `logits_fn(x_t ++ x_0, valid ++ valid, noised_half=True)`, the x_t half read.
+  Both estimators stay unbiased for that block-wise ELBO: for any masked set M of the L response tokens,
+  'l' draws M with probability 1 / (L C(L, |M|)) and weighs it L / |M|, 't' gives it
+  integral t^|M| (1 - t)^(L - |M|) / t dt; both are (|M| - 1)! (L - |M|)! / L!, whatever the model conditions on.
   `rng_B` holds one key per row, so a row's estimate does not depend on which rows share its batch.
   """
   B, L = tokens_BL.shape
@@ -320,7 +328,12 @@ def conditional_elbo(logits_fn: LogitsFn, rng_B: jax.Array, *, tokens_BL: jax.Ar
   else:
     raise ValueError(f"estimator must be 'l' or 't'; got {estimator!r}")
   noisy_NL = jnp.where(masked_NL, jnp.asarray(mask_id, tokens_NL.dtype), tokens_NL)
-  if cfg_scale > 0:
+  if noised_half:
+    if cfg_scale > 0:
+      raise ValueError("classifier-free guidance is not implemented for block-diffusion likelihoods")
+    logits_NLV = logits_fn(jnp.concatenate([noisy_NL, tokens_NL], axis=1), jnp.concatenate([valid_NL, valid_NL],
+                           axis=1), noised_half=True)[:, :L]
+  elif cfg_scale > 0:
     uncond_NL = unconditional_tokens(noisy_NL, prompt_BL=valid_NL & ~resp_NL, mask_id=mask_id)
     both = logits_fn(jnp.concatenate([noisy_NL, uncond_NL]), jnp.concatenate([valid_NL, valid_NL]))
     logits_NLV = guided_logits(both[: B * S], both[B * S:], scale=cfg_scale)

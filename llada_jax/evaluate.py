@@ -3,7 +3,8 @@
 `Scorer` answers the questions benchmark harnesses ask: log p(response | prompt) for many pairs of
 different lengths (multiple choice picks the largest), and a bound on log p(text) for perplexity. For
 the diffusion model these are Monte Carlo lower bounds (`diffusion.conditional_elbo`: the l-based
-estimator by default, the t-based one on request); for the causal baseline they are exact.
+estimator by default, the t-based one on request; a block-diffusion model's block-wise bound); for the
+causal baseline they are exact.
 
 Pairs are right-padded into a few length buckets (so a long tail of lengths compiles a handful of
 programs, not one per length) and grouped so one forward pass holds at most `max_rows` sequences.
@@ -71,19 +72,20 @@ class Scorer:
   """Log-likelihoods from one model: `graphdef` + `params` (e.g. a `serving.LoadedModel`'s)."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, *, mask_id: int, max_seq_len: int,
-               causal: bool = False, pad_id: int = 0):
+               causal: bool = False, pad_id: int = 0, blocks: bool = False):
     self.graphdef, self.params = graphdef, params
     self.mask_id, self.max_seq_len, self.causal, self.pad_id = mask_id, max_seq_len, causal, pad_id
+    self.blocks = blocks  # a block-diffusion model: its block-wise ELBO (x_t ++ x_0)
 
   @classmethod
   def from_loaded(cls, loaded) -> "Scorer":
     """From `serving.load(workdir)`."""
     m = loaded.model_config
     return cls(loaded.graphdef, loaded.params, mask_id=loaded.mask_id,
-               max_seq_len=m.max_seq_len, causal=m.causal, pad_id=loaded.tokenizer.eos_id)
+               max_seq_len=m.max_seq_len, causal=m.causal, pad_id=loaded.tokenizer.eos_id, blocks=m.block_size > 0)
 
-  def _logits(self, params, tokens_BL, valid_BL):
-    return model_lib.apply(self.graphdef, params, tokens_BL, valid_BL)
+  def _logits(self, params, tokens_BL, valid_BL, **options):
+    return model_lib.apply(self.graphdef, params, tokens_BL, valid_BL, **options)
 
   @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples", "estimator", "eps",
                                                                     "cfg_scale"))
@@ -91,7 +93,7 @@ class Scorer:
     return diffusion.conditional_elbo(
         functools.partial(self._logits, params), rng, tokens_BL=tokens_BL, prompt_len_B=prompt_len_B,
         valid_BL=valid_BL, mask_id=self.mask_id, num_samples=num_samples, estimator=estimator, eps=eps,
-        cfg_scale=cfg_scale)
+        cfg_scale=cfg_scale, noised_half=self.blocks)
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _exact(self, params, tokens_BL, prompt_len_B, valid_BL):

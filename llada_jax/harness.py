@@ -143,7 +143,9 @@ class LladaLM(LM):
         by_length[len(c)].append(i)
     for n, idx in by_length.items():
       opts = dict(gen_length=n, temperature=0.0)
-      if not self.model.is_causal:
+      if self.model.block_size:  # its own blocks, one token per step
+        opts.update(remasking="low_confidence")
+      elif not self.model.is_causal:
         opts.update(steps=n, block_length=n, remasking="low_confidence", cfg_scale=self.likelihood.cfg_scale)
       for batch in _batches(sorted(idx, key=lambda i: len(pairs[i][0])), self.gen_batch_size):
         prompts = [pairs[i][0] for i in batch]
@@ -189,7 +191,7 @@ class LladaLM(LM):
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
     max_toks = int(kwargs.pop("max_gen_toks", None) or self.options["gen_length"] or DEFAULT_MAX_GEN_TOKS)
-    options = sampling_options.resolve(self.options, budget=max_toks)
+    options = sampling_options.resolve(self.options, budget=max_toks, block_size=self.model.block_size)
     del options["seed"]  # generate_until draws a fresh seed per batch
     do_sample = kwargs.pop("do_sample", None)
     temperature = kwargs.pop("temperature", None)

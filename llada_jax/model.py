@@ -6,6 +6,8 @@ input: the model sees the partially masked sequence and predicts every original 
 turns the same network into the autoregressive baseline. The family's options (REFERENCE §12-13): tied
 input/output embeddings (iLLaDA), QK-norm, partial RoPE, and a routed mixture-of-experts feed-forward
 (LLaDA-MoE; llada_jax.moe) whose router statistics leave the model as a returned value (`return_aux`).
+With `block_size` > 0 attention is block-causal (block diffusion, REFERENCE §14; `attention.block_table`):
+a plain call sees its own block and the earlier ones, and a training call takes x_t ++ x_0 (`noised_half`).
 
 Layers are stored stacked on a leading 'layers' axis (one parameter layout for both execution modes);
 `scan_layers` chooses `lax.scan` over that axis (fast compiles, remat per layer) or an unrolled loop.
@@ -20,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -102,8 +105,8 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BS: jax.Array | None,
                kv: tuple[jax.Array, jax.Array] | None = None, kv_offset: jax.Array | int = 0, *,
-               impl: str = "xla", right_padded: bool = False, adapters: lora_lib.Adapters | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict | None]:
+               impl: str = "xla", right_padded: bool = False, adapters: lora_lib.Adapters | None = None,
+               blocks: attention.Blocks | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array], dict | None]:
     """Returns the block output, this call's (RoPE'd) keys and values, and (MoE) its router statistics
     (llada_jax.moe.router_stats; None for a dense block).
 
@@ -111,6 +114,7 @@ class Block(nnx.Module):
     `kv_offset` attend over that sequence with their own fresh keys/values written in at `kv_offset`:
     the approximate KV cache of Fast-dLLM (positions outside the slice keep stale entries).
     `adapters` (this layer's slice of the tree) adds LoRA updates to the projections they name.
+    `blocks`: the block-causal structure of the call (attention.Blocks).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     w = lambda p: p[...].astype(dt)
@@ -143,7 +147,7 @@ class Block(nnx.Module):
       values = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
     # GQA, 1/sqrt(head_dim) and a float32 softmax on every backend; `impl` is already resolved.
     o_BTNH = attention.attend(q_BTNH, keys, values, valid_BS=valid_BS, causal=cfg.causal and kv is None,
-                              impl=impl, right_padded=right_padded)
+                              impl=impl, right_padded=right_padded, blocks=blocks)
     o_BTNH = checkpoint_name(o_BTNH, "attn_out")
     x_BTD = x_BTD + adapt("attn_out", o_BTNH, jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.attn_out)))
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
@@ -225,7 +229,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                cache: tuple[jax.Array, jax.Array] | None = None, offset: jax.Array | int = 0,
                return_cache: bool = False, right_padded: bool = False, return_hidden: bool = False,
-               return_aux: bool = False, adapters: lora_lib.Adapters | None = None):
+               return_aux: bool = False, adapters: lora_lib.Adapters | None = None, noised_half: bool = False,
+               segment_BT: jax.Array | None = None, block_size: int | None = None):
     """`valid_BT` (bool) marks real tokens; padding positions are never attended to.
 
     Positions are absolute 0..T-1, as in the reference (left padding is not subtracted).
@@ -241,18 +246,37 @@ class Transformer(nnx.Module):
     fold_in(adapters.rng, l)) and puts its trainable token rows in the embedding and output head.
     `return_aux=True` appends the router statistics (llada_jax.moe.router_stats averaged over layers; None
     for a dense model) to whatever else is returned: `(out, aux)` or `(out, cache, aux)`.
+    Block models (`block_size`, default `cfg.block_size`; a block-size schedule passes its current one):
+    `noised_half=True` reads tokens_BT as x_t ++ x_0, two halves at the same positions offset..offset+T/2
+    (block-diffusion training); `segment_BT` holds document ids (packed data: no attention across
+    documents). A cached call's queries see the cache block-causally by absolute position.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     if cache is not None and cfg.causal:
       raise ValueError("the KV-cache path is for the bidirectional model (model.causal=False)")
+    block_size = cfg.block_size if block_size is None else block_size
+    if (noised_half or segment_BT is not None) and not block_size:
+      raise ValueError("noised_half / segment_BT are for block models (model.block_size > 0)")
+    if (noised_half or segment_BT is not None) and (cache is not None or T % 2 and noised_half):
+      raise ValueError(f"noised_half / segment_BT need no cache (and x_t ++ x_0 an even length); got length {T}")
     head = None if cfg.tie_embeddings else self.lm_head[...]
     embedding_VD, head_DV = lora_lib.with_tokens(self.embedding[...], head, adapters)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
-    positions_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
+    # Positions are numpy (compile-time constants) at a Python offset: a block table can then be static.
+    xp = np if isinstance(offset, int) else jnp
+    pos_T = offset + xp.arange(T // 2 if noised_half else T, dtype=np.int32)
+    pos_T = xp.concatenate([pos_T, pos_T]) if noised_half else pos_T
+    positions_BT = jnp.broadcast_to(jnp.asarray(pos_T), (B, T))
     valid_BS = None if valid_BT is None else valid_BT.astype(bool)
-    impl = attention.resolve(cfg.attention_impl, dtype=dt, head_dim=cfg.head_dim)
+    impl = attention.resolve(cfg.attention_impl, dtype=dt, head_dim=cfg.head_dim, blocks=bool(block_size))
+    blocks = None
+    if block_size:
+      noised_T = np.arange(T) < T // 2 if noised_half else None
+      k_pos = pos_T if cache is None else np.arange(cache[0].shape[2], dtype=np.int32)
+      blocks = attention.Blocks(block_size, pos_T, k_pos, noised_T, noised_T if cache is None else None,
+                                segment_BT, segment_BT)
 
     block_def, block_state = nnx.split(self.blocks)
 
@@ -266,7 +290,7 @@ class Transformer(nnx.Module):
         rng = None if adapters.rng is None else jax.random.fold_in(adapters.rng, index)
         here = adapters._replace(tree=layer_adapters, rng=rng)
       x, fresh_kv, stats = block(x, positions_BT, valid_BS, kv, offset, impl=impl, right_padded=right_padded,
-                                 adapters=here)
+                                 adapters=here, blocks=blocks)
       return x, (fresh_kv if return_cache else None, stats if return_aux else None)
 
     if cfg.remat_policy != "none":
@@ -328,17 +352,18 @@ def score_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, adapters: lo
   are a prefix (training batches: packing, SFT pads and the random-length crop all keep it so), which
   lets cuDNN attention take key lengths; left-padded rows (rollouts) pass False. The output head runs in
   chunks of `cfg.loss_chunk_size` positions when > 0; `adapters`: LoRA updates over `params` (the base).
-  A mixture-of-experts model's scores carry its router statistics (`TokenScores.aux`)."""
+  A mixture-of-experts model's scores carry its router statistics (`TokenScores.aux`). Keyword options
+  (block models: `noised_half`, `segment_BT`, `block_size`) go to the model call."""
   chunk = cfg.loss_chunk_size
   call = functools.partial(apply, graphdef, params, right_padded=right_padded, adapters=adapters)
   if not chunk and not cfg.moe:
     return diffusion.from_logits(call)
 
-  def scores(tokens_BL, valid_BL, targets_BL):
+  def scores(tokens_BL, valid_BL, targets_BL, **options):
     if not chunk:
-      logits_BLV, aux = call(tokens_BL, valid_BL, return_aux=True)
+      logits_BLV, aux = call(tokens_BL, valid_BL, return_aux=True, **options)
       return diffusion.from_logits(lambda *_: logits_BLV)(tokens_BL, valid_BL, targets_BL)._replace(aux=aux)
-    (x_BLD, head_DV), aux = call(tokens_BL, valid_BL, return_hidden=True, return_aux=True)
+    (x_BLD, head_DV), aux = call(tokens_BL, valid_BL, return_hidden=True, return_aux=True, **options)
     return diffusion.chunked_scores(x_BLD, head_DV, targets_BL, chunk_size=chunk)._replace(aux=aux)
 
   return scores

@@ -5,12 +5,15 @@ pipeline, serving and the converters read the record instead of comparing object
 
   batch          the fields of a training batch: name -> `Field(axes, dtype)`; data builders yield them
                  (or a `driver` makes them), `train.setup` shards them, `plan.dry_run` sizes them
-  loss           a pure function `(score_fn, batch, rng, *, config, reference) -> diffusion.LossOutput`
-                 of a score function (llada_jax.diffusion.ScoreFn), the batch, a key, the run's Config and
-                 the frozen reference model's score function (None unless `reference`)
+  loss           a pure function `(score_fn, batch, rng, *, config, reference, step) -> diffusion.LossOutput`
+                 of a score function (llada_jax.diffusion.ScoreFn), the batch, a key, the run's Config,
+                 the frozen reference model's score function (None unless `reference`) and the training
+                 step (a traced int32; None in validation) for what changes over a run (a block-size
+                 schedule)
   eval_metric    the name under which validation reports exp(loss) (a bound or an exact perplexity), or
                  None where exp(loss) means nothing (preference losses: their `metrics` are reported)
   causal         the attention mask the objective trains (`model.causal` must equal it)
+  blocks         whether it trains a block-causal model (block diffusion: `model.block_size` > 0 iff so)
   chat           whether it trains a chat model (the default of `model.chat`, stored in checkpoints)
   reference      whether the run holds a frozen reference model: a copy of the starting parameters
                  (`train.init_from`'s, else the fresh init) kept in `TrainState.frozen`, sharded like the
@@ -37,12 +40,14 @@ an existing one) and its tests; config validation, the step, the plan and servin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from llada_jax import diffusion as diffusion_lib, grpo as grpo_lib, moe as moe_lib, rl
+from llada_jax import attention, block_diffusion, diffusion as diffusion_lib, grpo as grpo_lib, moe as moe_lib, rl
 from llada_jax.data import pipeline
 
 
@@ -90,6 +95,7 @@ class Objective:
   training_data: Callable[..., pipeline.TrainingData]
   eval_batches: Callable[..., list]
   reference: bool = False
+  blocks: bool = False
   reference_adapters: bool = False
   inner_iterations: Callable[[Any], int] = lambda config: 1
   driver: Callable[..., Any] | None = None
@@ -130,7 +136,7 @@ def of(config) -> Objective:
 
 
 def compute_loss(objective: Objective, score_fn, batch, rng: jax.Array, *, config, reference=None,
-                 router_losses: bool = True) -> diffusion_lib.LossOutput:
+                 router_losses: bool = True, step: jax.Array | None = None) -> diffusion_lib.LossOutput:
   """`objective.loss`, plus a mixture-of-experts model's router losses: every call of the policy's
   `score_fn` returns its router statistics (`TokenScores.aux`); their mean adds
   `model.moe_aux_loss_weight` x load-balancing loss + `model.moe_z_loss_weight` x z-loss to the loss
@@ -138,13 +144,13 @@ def compute_loss(objective: Objective, score_fn, batch, rng: jax.Array, *, confi
   the metrics (llada_jax.moe.router_losses). A dense model's loss is `objective.loss`'s, untouched."""
   stats = []
 
-  def policy(*args):
-    scores = score_fn(*args)
+  def policy(*args, **options):
+    scores = score_fn(*args, **options)
     if scores.aux is not None:
       stats.append(scores.aux)
     return scores
 
-  out = objective.loss(policy, batch, rng, config=config, reference=reference)
+  out = objective.loss(policy, batch, rng, config=config, reference=reference, step=step)
   if not stats:
     return out
   m = config.model
@@ -164,24 +170,24 @@ def eval_batches(config, tok, **host: Any) -> list[dict[str, np.ndarray]]:
   return of(config).eval_batches(config, tok, **host)
 
 
-def _pretrain_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+def _pretrain_loss(score_fn, batch, rng: jax.Array, *, config, reference=None, step=None) -> diffusion_lib.LossOutput:
   d = config.diffusion
   return diffusion_lib.pretrain_objective(score_fn, rng, tokens_BL=batch["tokens"], mask_id=d.mask_token_id,
                                           eps=d.noise_eps, random_length_prob=d.random_length_prob)
 
 
-def _sft_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+def _sft_loss(score_fn, batch, rng: jax.Array, *, config, reference=None, step=None) -> diffusion_lib.LossOutput:
   d = config.diffusion
   return diffusion_lib.sft_objective(score_fn, rng, tokens_BL=batch["tokens"], prompt_len_B=batch["prompt_len"],
                                      mask_id=d.mask_token_id, eps=d.noise_eps, valid_BL=batch["valid"])
 
 
-def _ar_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+def _ar_loss(score_fn, batch, rng: jax.Array, *, config, reference=None, step=None) -> diffusion_lib.LossOutput:
   del rng, config
   return diffusion_lib.ar_objective(score_fn, tokens_BL=batch["tokens"])
 
 
-def _vrpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffusion_lib.LossOutput:
+def _vrpo_loss(score_fn, batch, rng: jax.Array, *, config, reference, step=None) -> diffusion_lib.LossOutput:
   p, d = config.preference, config.diffusion
   return diffusion_lib.vrpo_objective(
       score_fn, reference, rng, chosen_BL=batch["chosen"], rejected_BL=batch["rejected"],
@@ -189,7 +195,7 @@ def _vrpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffusi
       n_time=p.n_time, n_mask=p.n_mask, antithetic=p.antithetic, estimator=p.estimator, eps=d.noise_eps)
 
 
-def _ar_dpo_loss(score_fn, batch, rng: jax.Array, *, config, reference) -> diffusion_lib.LossOutput:
+def _ar_dpo_loss(score_fn, batch, rng: jax.Array, *, config, reference, step=None) -> diffusion_lib.LossOutput:
   del rng
   return diffusion_lib.exact_dpo_objective(score_fn, reference, chosen_BL=batch["chosen"],
                                            rejected_BL=batch["rejected"], prompt_len_B=batch["prompt_len"],
@@ -235,7 +241,7 @@ AR_DPO = register(Objective(
     reference=True))
 
 
-def _grpo_loss(score_fn, batch, rng: jax.Array, *, config, reference=None) -> diffusion_lib.LossOutput:
+def _grpo_loss(score_fn, batch, rng: jax.Array, *, config, reference=None, step=None) -> diffusion_lib.LossOutput:
   del rng, reference  # the masks and the reference's log-probabilities come with the rollouts (llada_jax.rl)
   g = config.grpo
   return grpo_lib.grpo_objective(
@@ -259,3 +265,38 @@ GRPO = register(Objective(
     training_data=pipeline.rl_training_data, eval_batches=pipeline.rl_eval_batches,
     reference=True, reference_adapters=True, inner_iterations=lambda config: config.grpo.inner_iterations,
     driver=rl.GrpoDriver))
+
+
+def block_size_at(config, step: jax.Array | None):
+  """The block size a block-diffusion step trains with: `model.block_size`, or during `block.schedule` the
+  stage's (an `attention.StagedSize` picked by the traced step). Validation (step None) uses the final one."""
+  final, schedule = config.model.block_size, config.block.schedule
+  if step is None or not schedule:
+    return final
+  ends = jnp.asarray([until for _, until in schedule], jnp.int32)
+  return attention.StagedSize(config.block.sizes(final), jnp.sum(step >= ends).astype(jnp.int32))
+
+
+def _block_loss(score_fn, batch, rng: jax.Array, *, config, reference=None, step=None) -> diffusion_lib.LossOutput:
+  b, d = config.block, config.diffusion
+  sft = "prompt_len" in batch
+  return block_diffusion.block_diffusion_objective(
+      score_fn, rng, tokens_BL=batch["tokens"], mask_id=d.mask_token_id, block_size=block_size_at(config, step),
+      eps=d.noise_eps, t_min=b.t_min, t_max=b.t_max, weighting=b.weighting, complementary=b.complementary,
+      valid_BL=batch.get("valid"), prompt_len_B=batch["prompt_len"] if sft else None,
+      segment_BL=batch.get("segments"))
+
+
+# Block diffusion (BD3LM / LLaDA2.0): packed text with its document ids (attention stays inside a document),
+# x_t ++ x_0 under the four-part mask, the loss on the x_t half; model.block_size > 0.
+BLOCK_DIFFUSION = register(Objective(
+    name="block_diffusion", batch={"tokens": Field(_ROWS, "int32"), "segments": Field(_ROWS, "int32")},
+    loss=_block_loss, eval_metric="eval_ppl_bound", causal=False, chat=False, blocks=True,
+    training_data=functools.partial(pipeline.packed_training_data, segments=True),
+    eval_batches=functools.partial(pipeline.packed_eval_batches, segments=True)))
+
+# Its SFT: SFT batches (the prompt clean), rows rounded up to whole blocks by train.seq_len % block_size == 0
+# (the EOS padding fills the last block, as LLaDA2.0 rounds lengths up to a block multiple).
+BLOCK_SFT = register(Objective(
+    name="block_sft", batch=SFT.batch, loss=_block_loss, eval_metric="eval_ppl_bound", causal=False, chat=True,
+    blocks=True, training_data=pipeline.sft_training_data, eval_batches=pipeline.sft_eval_batches))

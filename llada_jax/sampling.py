@@ -88,6 +88,9 @@ class SamplingConfig:
   suppress_eos_confidence: bool = False  # EOS/EOT predictions are committed last (confidence_eos_eot_inf)
   early_exit: bool = False        # a row stops once its remaining masked positions can only be EOS
   kv_cache: str = "none"          # Fast-dLLM block-wise approximate KV cache: none | prefix | dual
+  tau_edit: float | None = None   # block models (LLaDA2.1): re-write a filled token whose prediction differs
+                                  # with probability > tau_edit (None: no editing)
+  max_post_steps: int = 16        # block models, editing: steps after a block is full while edits still fire
 
   def validate(self, prompt_length: int, max_seq_len: int, padded_length: int | None = None) -> None:
     """Raises ValueError naming the option, before anything is compiled.
@@ -119,6 +122,48 @@ class SamplingConfig:
     _check_fits(width, self.gen_length, max_seq_len)
     if self.kv_cache not in KV_CACHES:
       bad("kv_cache", f"one of {KV_CACHES}", self.kv_cache)
+    if self.tau_edit is not None:
+      bad("tau_edit", "None for a bidirectional model (token editing is for block-diffusion models, "
+          "model.block_size > 0)", self.tau_edit)
+
+  def validate_blocks(self, block_size: int, prompt_length: int, max_seq_len: int,
+                      padded_length: int | None = None) -> None:
+    """`validate` for a block-diffusion model's sampler (`generate_blocks`), whose blocks are the model's:
+    `block_length` must be `block_size`, `steps` counts the steps of one block (at most its length), and
+    the block-aligned canvas (prompt + gen_length, rounded up to whole blocks) must fit the model."""
+    bad = _bad
+    for name in ("gen_length", "steps", "block_length"):
+      _check_positive(name, getattr(self, name))
+    if not 1 <= block_size <= max_seq_len:
+      bad("block_size", f"in [1, model.max_seq_len={max_seq_len}]", block_size)
+    if self.block_length != block_size:
+      bad("block_length", f"the model's block size ({block_size}, model.block_size): a block-diffusion model "
+          "decodes the blocks it was trained on", self.block_length)
+    if self.steps > block_size:
+      bad("steps", f"at most the block size {block_size} (a block model's steps are per block; each commits "
+          "at least one token)", self.steps)
+    if self.remasking not in REMASKING:
+      bad("remasking", f"one of {REMASKING}", self.remasking)
+    if not self.temperature >= 0:
+      bad("temperature", ">= 0", self.temperature)
+    if self.cfg_scale:
+      bad("cfg_scale", "0 for a block-diffusion model (guidance is not implemented for its sampler)", self.cfg_scale)
+    if self.kv_cache != "none":
+      bad("kv_cache", "'none' for a block-diffusion model (its KV cache is exact and always on)", self.kv_cache)
+    for name in ("threshold", "tau_edit"):
+      value = getattr(self, name)
+      if value is not None and not 0 < value <= 1:
+        bad(name, "in (0, 1] (or None to disable)", value)
+    if isinstance(self.max_post_steps, bool) or not isinstance(self.max_post_steps, int) or self.max_post_steps < 0:
+      bad("max_post_steps", "an integer >= 0", self.max_post_steps)
+    if prompt_length < 1:
+      bad("prompt", "at least one token long", prompt_length)
+    width = prompt_length if padded_length is None else padded_length
+    canvas = -(-(width + self.gen_length) // block_size) * block_size
+    if canvas > max_seq_len:
+      raise errors.OptionError("gen_length", f"the prompt ({width} tokens) and gen_length={self.gen_length}, "
+                               f"rounded up to whole blocks of {block_size}, take {canvas} positions: more than "
+                               f"model.max_seq_len={max_seq_len}; shorten the prompt or lower gen_length")
 
 
 class GenerateOutput(NamedTuple):
@@ -254,13 +299,12 @@ def _decide(cfg: SamplingConfig, logits: "WindowLogits", x_BW, pos_W, *, P: int,
   first_masked_B = jnp.min(jnp.where(x_BW == mask_id, pos_W, L), axis=1)
   block_end_B = P + ((first_masked_B - P) // K + 1) * K
   decide = functools.partial(_decide_positions, cfg, block_end_B=block_end_B, i=i, rng_B=rng_B, origin_B=origin_B,
-                             mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
-                             steps_per_block=steps_per_block)
+                             mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, quota=schedule[i % steps_per_block])
   if K >= W:
-    return decide(logits.at(), x_BW, jnp.broadcast_to(pos_W, (B, W)))
+    return decide(logits.at(), x_BW, jnp.broadcast_to(pos_W, (B, W)))[:2]
   idx_BK = jnp.clip(block_end_B - K - pos_W[0], 0, W - K)[:, None] + jnp.arange(K)
   take = lambda a: jnp.take_along_axis(a, idx_BK.reshape(idx_BK.shape + (1,) * (a.ndim - 2)), axis=1)
-  commit_BK, x0_BK = decide(logits.at(idx_BK), take(x_BW), pos_W[idx_BK])
+  commit_BK, x0_BK, _ = decide(logits.at(idx_BK), take(x_BW), pos_W[idx_BK])
   rows_B1 = jnp.arange(B)[:, None]
   return jnp.zeros((B, W), bool).at[rows_B1, idx_BK].set(commit_BK), x_BW.at[rows_B1, idx_BK].set(x0_BK)
 
@@ -282,9 +326,14 @@ def _position_noise(rng_B, origin_B, pos_BW, shape: tuple[int, ...] = ()):
 
 
 def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_end_B, i, rng_B, origin_B,
-                      mask_id: int, eos_id: int, eot_id: int | None, schedule, steps_per_block: int):
-  """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`.
-  Row b's random numbers at step i come from `fold_in(rng_B[b], i)` (`_position_noise`)."""
+                      mask_id: int, eos_id: int, eot_id: int | None, quota, floor=1, strict: bool = False):
+  """`_decide` over given positions of each row (`pos_BW`), whose current block ends at `block_end_B`:
+  (commit [B, W], prediction x0 [B, W], its probability p0 [B, W]).
+
+  Without a threshold a step commits the `quota` most confident candidates; with one, every candidate
+  whose p0 reaches it (`strict`: exceeds it), and at least the `floor` most confident (Fast-dLLM: 1; a
+  block model: its step's quota, LLaDA2.0's top-k fallback). Row b's random numbers at step i come from
+  `fold_in(rng_B[b], i)` (`_position_noise`)."""
   masked_BW = x_BW == mask_id
   keys_B2 = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i)))(rng_B)
   vocab_V = jnp.arange(logits_BWV.shape[-1])  # `where` over it fuses; `.at[..., id].set` copies the logits
@@ -308,11 +357,29 @@ def _decide_positions(cfg: SamplingConfig, logits_BWV, x_BW, pos_BW, *, block_en
   # step commits its full quota and no mask survives the last step (they simply come last).
   conf_BW = jnp.where(candidate_BW, jnp.maximum(conf_BW, _SUPPRESSED), -jnp.inf)
   rank_BW = _ranks(conf_BW)
+  p0_BW = jnp.take_along_axis(probs_BWV, x0_BW[..., None].astype(jnp.int32), axis=-1)[..., 0]
   if cfg.threshold is None:
-    commit_BW = candidate_BW & (rank_BW < schedule[i % steps_per_block])
+    commit_BW = candidate_BW & (rank_BW < quota)
   else:
-    p0_BW = jnp.take_along_axis(probs_BWV, x0_BW[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    commit_BW = candidate_BW & ((p0_BW >= cfg.threshold) | (rank_BW == 0))
+    sure_BW = p0_BW > cfg.threshold if strict else p0_BW >= cfg.threshold
+    commit_BW = candidate_BW & (sure_BW | (rank_BW < floor))
+  return commit_BW, x0_BW, p0_BW
+
+
+def _decide_block(cfg: SamplingConfig, logits: "WindowLogits", x_BW, pos_W, *, i, first, P: int, rng_B, origin_B,
+                  mask_id: int, eos_id: int, eot_id: int | None, schedule):
+  """One step of a block model inside its current block (the window): unmask every masked position with
+  p0 > threshold, at least the step's quota by confidence (LLaDA2.0: `schedule[i - first]`, first = the
+  block's first step), and with `tau_edit` (LLaDA2.1) also re-write every filled non-prompt position whose
+  prediction differs from it with p0 > tau_edit."""
+  B, W = x_BW.shape
+  pos_BW = jnp.broadcast_to(pos_W, (B, W))
+  quota = schedule[jnp.minimum(i - first, schedule.shape[0] - 1)]  # editing steps run past the schedule
+  commit_BW, x0_BW, p0_BW = _decide_positions(
+      cfg, logits.at(), x_BW, pos_BW, block_end_B=jnp.full((B,), pos_W[-1] + 1), i=i, rng_B=rng_B,
+      origin_B=origin_B, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, quota=quota, floor=quota, strict=True)
+  if cfg.tau_edit is not None:
+    commit_BW |= (x_BW != mask_id) & (pos_BW >= P) & (x0_BW != x_BW) & (p0_BW > cfg.tau_edit)
   return commit_BW, x0_BW
 
 
@@ -324,8 +391,10 @@ class DecodeState(NamedTuple):
 
   step: Any                  # global step index: seeds the step's noise, recorded in commit_step_BL
   x_BL: jax.Array            # the sequence; mask_id where nothing is committed yet
-  commit_step_BL: jax.Array  # step at which each position was committed; -1 where it never was
-  steps_B: jax.Array         # steps during which each row still held a mask
+  commit_step_BL: jax.Array  # step at which each position was (last) committed; -1 where it never was
+  steps_B: jax.Array         # steps during which each row still held a mask (or edited)
+  edits: Any = 0             # token editing: filled positions the last step re-wrote (all rows)
+  post: Any = 0              # token editing: steps the current window has run with its span already full
 
 
 class Window(NamedTuple):
@@ -334,7 +403,9 @@ class Window(NamedTuple):
   Every step of the phase recomputes logits for positions [start, start + width) only, and commits
   among them. It lasts while some row still has a mask in [start, start + span), at most `max_steps`
   steps. With `refresh` its first step is a full pass that also returns every layer's keys/values, and
-  the later steps read that KV cache instead of recomputing the rest of the sequence.
+  the later steps read that KV cache instead of recomputing the rest of the sequence. An `exact` window
+  (block diffusion) has no refresh: the cache of the completed blocks before it is exact, carried from
+  window to window.
   """
 
   start: int
@@ -342,6 +413,9 @@ class Window(NamedTuple):
   span: int
   max_steps: int
   refresh: bool = False
+  exact: bool = False     # block model: read the exact cache of the blocks before `start` (nothing after the
+                          # window), then append the window's final keys/values to it
+  post_steps: int = 0     # token editing: steps allowed once the span is full, while edits still fire
 
 
 def _windows(cfg: SamplingConfig, *, P: int, L: int) -> tuple[Window, ...]:
@@ -392,16 +466,22 @@ def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_
   (`WindowLogits` of the window, the new cache or None).
 
   Without `cache` it is a full pass (x_BW is the whole sequence); with one, only the window's tokens
-  run at positions `start...` against it. With classifier-free guidance the conditional and the
-  unconditional rows (`diffusion.unconditional_tokens`) run as one doubled batch; a cache built under
-  guidance holds both halves.
+  run at positions `start...` against it (`key_valid`: the validity of a cache shorter than the sequence).
+  With classifier-free guidance the conditional and the unconditional rows
+  (`diffusion.unconditional_tokens`) run as one doubled batch; a cache built under guidance holds both
+  halves.
   """
   guided = cfg_scale > 0
   valid_in = jnp.concatenate([valid_BL, valid_BL]) if guided else valid_BL
 
-  def logits_of(x_BW, *, start: int = 0, cache=None, return_cache: bool = False):
+  def logits_of(x_BW, *, start: int = 0, cache=None, return_cache: bool = False, key_valid=None):
     W = x_BW.shape[1]
     kwargs = {"cache": cache, "offset": start} if cache is not None else {}
+    if key_valid is not None:  # an exact (block) window reads a cache cut to the blocks it may see
+      out = model_lib.apply(graphdef, params, x_BW, key_valid, return_cache=return_cache, return_hidden=True,
+                            **kwargs)
+      (hidden, head), new_cache = out if return_cache else (out, None)
+      return WindowLogits(hidden, head, cfg_scale), new_cache
     kwargs.update(return_cache=return_cache, return_hidden=True)
     if guided:
       # A refresh pass hides the prompt in the unconditional half, so that half of the cache holds the
@@ -422,13 +502,17 @@ def _commit(state: DecodeState, logits: WindowLogits, window: Window, *, decide,
 
   Rows with no mask left commit nothing and stop counting steps.
   """
-  i, x_BL, commit_step_BL, steps_B = state
+  i, x_BL, commit_step_BL, steps_B, _, post = state
   start, width = window.start, window.width
   L = x_BL.shape[1]
   x_BW = jax.lax.dynamic_slice_in_dim(x_BL, start, width, axis=1)
   commit_BW, x0_BW = decide(logits, x_BW, start + jnp.arange(width), i=i)
   row_active_B = jnp.any(x_BL == mask_id, axis=1)
+  edit_BW = commit_BW & (x_BW != mask_id)  # token editing: re-writes of filled positions
+  row_active_B |= jnp.any(edit_BW, axis=1)
   commit_BW &= row_active_B[:, None]
+  span_full = ~jnp.any(jax.lax.dynamic_slice_in_dim(x_BL, start, window.span, axis=1) == mask_id)
+  post = jnp.where(span_full, post + 1, 0)
   x_BL = jax.lax.dynamic_update_slice_in_dim(x_BL, jnp.where(commit_BW, x0_BW, x_BW), start, axis=1)
   step_BW = jax.lax.dynamic_slice_in_dim(commit_step_BL, start, width, axis=1)
   commit_step_BL = jax.lax.dynamic_update_slice_in_dim(commit_step_BL, jnp.where(commit_BW, i, step_BW),
@@ -442,7 +526,8 @@ def _commit(state: DecodeState, logits: WindowLogits, window: Window, *, decide,
     fill_BL = still_BL & (eos_pos_B < first_still_B)[:, None]
     x_BL = jnp.where(fill_BL, eos_id, x_BL)
     commit_step_BL = jnp.where(fill_BL, i, commit_step_BL)
-  return DecodeState(i + 1, x_BL, commit_step_BL, steps_B + row_active_B.astype(jnp.int32))
+  return DecodeState(i + 1, x_BL, commit_step_BL, steps_B + row_active_B.astype(jnp.int32),
+                     jnp.sum(edit_BW, dtype=jnp.int32), post)
 
 
 def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: int, schedule,
@@ -452,20 +537,24 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
   `while` the window is open, one model call on the window and one `_commit`.
 
   `x_BL` holds mask_id wherever something is to be decoded; positions before `P` are the prompt (what
-  guidance hides, where blocks start counting, never EOS for early exit). `schedule` gives each step's
+  guidance hides, where blocks start counting, never EOS for early exit). `exact` windows (a block model)
+  decode each block against the exact cache of the blocks before it (`_prefill`, `_exact_window`), with
+  `schedule` the transfer counts of one block's steps. `schedule` gives each step's
   transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`). `rng`: one key,
   or one per row (`row_keys`). `observe(step, x_BL)`, if given, runs on the host after every step (a
   `jax.debug.callback`, in step order) with the step's index and the sequence it left: how a server
   streams the answer filling in.
   """
   B, L = x_BL.shape
-  steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
-  decide = functools.partial(_decide, cfg, P=P, L=L, rng_B=row_keys(rng, B),
-                             origin_B=jnp.argmax(valid_BL, axis=1),  # each row's first real token
-                             mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule,
-                             steps_per_block=steps_per_block)
+  common = dict(P=P, rng_B=row_keys(rng, B), origin_B=jnp.argmax(valid_BL, axis=1),  # each row's first real token
+                mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, schedule=schedule)
+  if any(w.exact for w in windows):  # a block model: windows are its blocks, steps per block
+    decide, block_decide = None, functools.partial(_decide_block, cfg, **common)
+  else:
+    steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
+    decide, block_decide = functools.partial(_decide, cfg, L=L, steps_per_block=steps_per_block, **common), None
 
-  def commit(state, logits, window):
+  def commit(state, logits, window, decide=decide):
     state = _commit(state, logits, window, decide=decide, P=P, mask_id=mask_id, eos_id=eos_id,
                     early_exit=cfg.early_exit)
     if observe is not None:
@@ -473,9 +562,17 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
     return state
 
   logits_of = _model_logits(graphdef, params, valid_BL, P=P, cfg_scale=cfg.cfg_scale, mask_id=mask_id)
-  state = DecodeState(0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
-  for w in windows:  # unrolled at trace time: each window has a static width
+  state = DecodeState(0, x_BL, jnp.full((B, L), -1, jnp.int32), jnp.zeros((B,), jnp.int32), jnp.int32(0),
+                      jnp.int32(0))
+  exact = _prefill(graphdef, params, x_BL, valid_BL, windows)
+  for n, w in enumerate(windows):  # unrolled at trace time: each window has a static width
     first, cache = state.step, None
+    state = state._replace(edits=jnp.int32(0), post=jnp.int32(0))
+    if w.exact:
+      state, exact = _exact_window(state, w, exact, logits_of, commit, valid_BL, mask_id=mask_id,
+                                   last=n == len(windows) - 1, decide=functools.partial(
+                                       block_decide, first=first) if block_decide else None)
+      continue
     if w.refresh:
       logits, cache = logits_of(state.x_BL, return_cache=True)
       state = commit(state, logits.window(w.start, w.width), w)
@@ -490,6 +587,57 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
 
     state = jax.lax.while_loop(is_open, step, state)
   return state
+
+
+def _prefill(graphdef, params, x_BL, valid_BL, windows: Sequence[Window]):
+  """A block model's exact KV cache, [layers, B, L, K, H] x 2, before its first window: the prompt's whole
+  blocks (everything before the first window) in one block-causal pass, zeros after (never read before
+  they are written). None unless the windows are exact."""
+  if not windows or not windows[0].exact:
+    return None
+  start = windows[0].start
+  B, L = x_BL.shape
+  if start:
+    out = model_lib.apply(graphdef, params, x_BL[:, :start], valid_BL[:, :start], return_cache=True,
+                          return_hidden=True)
+    return jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, L - start), (0, 0), (0, 0))), out[1])
+  shape = jax.eval_shape(lambda: model_lib.apply(graphdef, params, x_BL[:, :1], valid_BL[:, :1], return_cache=True,
+                                                 return_hidden=True)[1])
+  return jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (L,) + a.shape[3:], a.dtype), shape)
+
+
+def _exact_window(state: DecodeState, w: Window, exact, logits_of, commit, valid_BL, *, mask_id: int, last: bool,
+                  decide):
+  """One block of a block model: `while` it holds a mask (or, editing, its last step re-wrote something and
+  fewer than `w.post_steps` steps ran on the full block), one model call of the block's tokens against the
+  cache cut to the blocks before it, then one commit. Then the block's final tokens run once more, and their
+  keys/values (exact now: the block is final) are written into the cache for the blocks after it."""
+  end = w.start + w.width
+  cache = jax.tree.map(lambda c: c[:, :, :end], exact)  # nothing after the block: it is never seen
+  key_valid = valid_BL[:, :end]
+  block = lambda s: jax.lax.dynamic_slice_in_dim(s.x_BL, w.start, w.width, axis=1)
+
+  def is_open(s, first=state.step):
+    masked = jnp.any(block(s) == mask_id)
+    editing = (s.edits > 0) & (s.post < w.post_steps)
+    return (s.step - first < w.max_steps) & (masked | editing)
+
+  def step(s):
+    logits = logits_of(block(s), start=w.start, cache=cache, key_valid=key_valid)[0]
+    return commit(s, logits, w, decide=decide)
+
+  state = jax.lax.while_loop(is_open, step, state)
+  if last:
+    return state, exact
+
+  def append(x_BW):
+    fresh = logits_of(x_BW, start=w.start, cache=cache, key_valid=key_valid, return_cache=True)[1]
+    return jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), w.start, axis=2),
+                        exact, fresh)
+
+  # Rows that all stopped (EOS) leave no mask after the block: the later blocks never run, skip the pass.
+  more = jnp.any(state.x_BL[:, end:] == mask_id)
+  return state, jax.lax.cond(more, append, lambda _: exact, block(state))
 
 
 # --- Samplers: what to decode, in which windows ---------------------------------------------------------
@@ -538,6 +686,58 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_v
   rng = jax.random.key(0) if rng is None else rng
   return _generate(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng, cfg=cfg,
                    mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, observe=observe)
+
+
+def _block_windows(cfg: SamplingConfig, *, P: int, L: int, block_size: int) -> tuple[Window, ...]:
+  """A block model's phases: one exact window per block from the one holding the prompt's end (the
+  prompt's whole blocks are prefilled), `steps` steps each, plus `max_post_steps` with token editing."""
+  post = cfg.max_post_steps if cfg.tau_edit is not None else 0
+  return tuple(Window(start, block_size, block_size, cfg.steps + post, exact=True, post_steps=post)
+               for start in range(P // block_size * block_size, L, block_size))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "block_size", "mask_id", "eos_id", "eot_id",
+                                             "observe"))
+def _generate_blocks(graphdef, params, prompt_BP, prompt_valid_BP, rng, *, cfg: SamplingConfig, block_size: int,
+                     mask_id: int, eos_id: int, eot_id: int | None, observe=None) -> GenerateOutput:
+  B, P = prompt_BP.shape
+  L = -(-(P + cfg.gen_length) // block_size) * block_size  # the canvas: whole blocks from position 0
+  x_BL = jnp.concatenate([prompt_BP, jnp.full((B, L - P), mask_id, prompt_BP.dtype)], axis=1)
+  valid_BL = jnp.concatenate([prompt_valid_BP.astype(bool), jnp.ones((B, L - P), bool)], axis=1)
+  state = _decode(graphdef, params, x_BL, valid_BL, rng, cfg=cfg, P=P,
+                  schedule=jnp.asarray(transfer_schedule(block_size, cfg.steps)),
+                  windows=_block_windows(cfg, P=P, L=L, block_size=block_size), mask_id=mask_id, eos_id=eos_id,
+                  eot_id=eot_id, observe=observe)
+  end = P + cfg.gen_length
+  return GenerateOutput(state.x_BL[:, :end], state.commit_step_BL[:, :end], state.steps_B)
+
+
+def generate_blocks(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, prompt_valid_BP: jax.Array, *,
+                    block_size: int, mask_id: int, eos_id: int = 1, eot_id: int | None = None,
+                    rng: jax.Array | None = None, config: SamplingConfig | None = None,
+                    max_seq_len: int | None = None, observe=None, **options: Any) -> GenerateOutput:
+  """The sampler of a block-diffusion model (REFERENCE §14; `model.block_size` = `block_size`).
+
+  The canvas is whole blocks from position 0: the left-padded prompt, then masks up to gen_length rounded
+  up to a block. The prompt's whole blocks are prefilled into an exact KV cache in one pass; each later
+  block is decoded against the cache of the completed blocks only (never the masks after it), then its
+  final keys/values join the cache (block-causal attention means later blocks never change them). Inside
+  a block a step commits every masked position whose confidence exceeds `threshold`, or, when fewer
+  qualify, the top-k by confidence with k from the even schedule `transfer_schedule(block_size, steps)`
+  (`steps` per block; without a threshold: exactly that schedule). `early_exit` stops a row at EOS.
+  `tau_edit` (LLaDA2.1 token editing) also re-writes filled non-prompt positions of the current block whose
+  prediction differs with probability > tau_edit, and keeps stepping after the block is full until no edit
+  fires (at most `max_post_steps`). One jitted program; options as in `generate` (`SamplingConfig` fields;
+  `block_length` must equal `block_size`), checked by `SamplingConfig.validate_blocks`.
+  """
+  cfg = dataclasses.replace(config or SamplingConfig(block_length=block_size, steps=block_size), **options)
+  prompt_length = int(np.asarray(prompt_valid_BP).sum(axis=1).min()) if prompt_BP.shape[1] else 0
+  width = prompt_BP.shape[1]
+  limit = max_seq_len if max_seq_len is not None else -(-(width + cfg.gen_length) // block_size) * block_size
+  cfg.validate_blocks(block_size, prompt_length, limit, width)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate_blocks(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_valid_BP), rng, cfg=cfg,
+                          block_size=block_size, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, observe=observe)
 
 
 def strip_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:

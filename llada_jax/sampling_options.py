@@ -13,6 +13,9 @@ Three options default to "unset" (None), and one rule, in `resolve`, derives the
   harness falls back to lm-eval's 256 when the task names none), else DEFAULT_GEN_LENGTH (64);
 - steps: gen_length (one token per step);
 - block_length: gen_length (pure diffusion).
+A block-diffusion model (`model.block_size` > 0, sampled by `sampling.generate_blocks`) decodes its own
+blocks: block_length and steps (per block) default to its block size, and gen_length is not rounded
+(the canvas is); `tau_edit` / `max_post_steps` (LLaDA2.1 token editing) apply to it alone.
 Every other default leaves the released reverse process as it is (greedy, low-confidence remasking, no
 guidance, no threshold, no KV cache, EOS untouched), so a command run without options writes exactly
 the official `generate`'s output. Chat models often read better with semi-autoregressive blocks and
@@ -63,6 +66,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("early_exit", bool, False, "Stop a row once its remaining masked positions can only be EOS."),
     Option("kv_cache", str, "none", "Fast-dLLM block-wise approximate KV cache, refreshed at each block.",
            choices=tuple(sampling.KV_CACHES)),
+    Option("tau_edit", float, None, "Block-diffusion models (LLaDA2.1 token editing): also re-write a filled "
+           "token of the current block whose prediction differs with probability > this, in (0, 1] (default: "
+           "off).", optional=True),
+    Option("max_post_steps", int, 16, "Block-diffusion models with tau_edit: steps a full block keeps "
+           "running while edits still fire."),
     Option("seed", int, 0, "Random seed (temperature, random remasking; llada-eval: the Monte Carlo "
            "masks too)."),
 )
@@ -123,7 +131,7 @@ def parse(options: Mapping[str, Any], *, where: str = "sampling options",
   return {o.name: _coerce(o, options[o.name]) if o.name in options else o.default for o in OPTIONS}
 
 
-def resolve(options: Mapping[str, Any], *, budget: int | None = None) -> dict[str, Any]:
+def resolve(options: Mapping[str, Any], *, budget: int | None = None, block_size: int = 0) -> dict[str, Any]:
   """The keyword dict of `serving.LoadedModel.complete` / `serving.ChatSession` (seed included), with
   the unset lengths derived (module docstring).
 
@@ -131,11 +139,19 @@ def resolve(options: Mapping[str, Any], *, budget: int | None = None) -> dict[st
   gen_length is then rounded up to whole blocks, since such a caller cuts each answer at its budget.
   Without one, gen_length must be a multiple of block_length (`SamplingConfig.validate` says so).
 
+  `block_size` > 0 (a block-diffusion model's `model.block_size`): unset block_length and steps become the
+  block size (steps per block), and gen_length stays as it is (`sampling.generate_blocks` rounds the canvas).
+
   Example: resolve({}) -> gen_length = steps = block_length = 64; resolve({"block_length": 4},
-  budget=6) -> gen_length = steps = 8, block_length = 4.
+  budget=6) -> gen_length = steps = 8, block_length = 4; resolve({}, block_size=32) -> gen_length = 64,
+  steps = block_length = 32.
   """
   out = parse(options)
   unset = lambda name, derived: derived if out[name] is None else out[name]  # 0 is a value (refused later)
+  if block_size:
+    out.update(gen_length=unset("gen_length", budget or DEFAULT_GEN_LENGTH),
+               block_length=unset("block_length", block_size), steps=unset("steps", block_size))
+    return out
   gen_length = unset("gen_length", budget or DEFAULT_GEN_LENGTH)
   block_length = unset("block_length", gen_length)
   if budget is not None and block_length > 0:

@@ -69,9 +69,24 @@ class LoadedModel:
   def is_causal(self) -> bool:
     return self.model_config.causal
 
+  @property
+  def block_size(self) -> int:
+    """The block size of a block-diffusion model (sampled by `sampling.generate_blocks`); 0 otherwise."""
+    return self.model_config.block_size
+
+  def check_options(self, cfg: sampling.SamplingConfig, prompt_length: int, padded_length: int) -> None:
+    """`cfg` checked for this model's sampler (errors.OptionError naming the option), before compiling."""
+    L = self.model_config.max_seq_len
+    if self.block_size:
+      cfg.validate_blocks(self.block_size, prompt_length, L, padded_length)
+    else:
+      cfg.validate(prompt_length, L, padded_length)
+
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0, rng: jax.Array | None = None,
                    width: int | None = None, observe=None, **options: Any) -> sampling.GenerateOutput:
-    """`sampling.generate` for a diffusion model, `causal_sampling.generate_causal` for a causal one.
+    """`sampling.generate` for a diffusion model, `sampling.generate_blocks` for a block-diffusion one
+    (`block_size` > 0; block_length and steps default to its block size), `causal_sampling.generate_causal`
+    for a causal one.
 
     Row r draws its random numbers from `fold_in(key(seed), r)` alone, or from `rng` (one key, or one
     per row: `sampling.row_keys`) when given. `width` left-pads the prompts wider than the longest (a
@@ -92,6 +107,10 @@ class LoadedModel:
       return causal_sampling.generate_causal(self.graphdef, self.params, tokens, valid,
                                              mask_id=self.mask_id,
                                              **_causal_options(options), **common)
+    if self.block_size:  # the model's own blocks, steps per block, unless the caller says otherwise
+      options = {"block_length": self.block_size, "steps": self.block_size, **options}
+      return sampling.generate_blocks(self.graphdef, self.params, tokens, valid, block_size=self.block_size,
+                                      mask_id=self.mask_id, observe=observe, **options, **common)
     return sampling.generate(self.graphdef, self.params, tokens, valid,
                              mask_id=self.mask_id, observe=observe, **options, **common)
 

@@ -73,9 +73,11 @@ def _score_fn(config: Config, graphdef, params, adapters: lora_lib.Adapters | No
 
 
 def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen: Any = None,
-          base: Any = None, *, training: bool = True) -> tuple[jax.Array, diffusion.LossOutput]:
+          base: Any = None, *, training: bool = True, step: jax.Array | None = None
+          ) -> tuple[jax.Array, diffusion.LossOutput]:
   """The objective's loss of `params`. With LoRA, `params` are the adapters over the frozen `base` (adapter
-  dropout while `training`), and a reference model is the base itself (adapters off): no second copy."""
+  dropout while `training`), and a reference model is the base itself (adapters off): no second copy.
+  `step`: the training step (None in validation), for objectives that change over a run."""
   objective = objectives.of(config)
   if base is not None:
     dropout_rng = jax.random.fold_in(rng, _LORA_DROPOUT_STREAM) if training else None
@@ -88,7 +90,7 @@ def _loss(config: Config, graphdef, params, batch: dict, rng: jax.Array, frozen:
     # The reference model scores with the policy's score function over its own (constant) parameters.
     reference = _score_fn(config, graphdef, jax.lax.stop_gradient(frozen)) if objective.reference else None
   out = objectives.compute_loss(objective, policy, batch, rng, config=config, reference=reference,
-                                router_losses=training)
+                                router_losses=training, step=step)
   return out.loss, out
 
 
@@ -110,7 +112,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   inner_fields = [name for name, f in objective.batch.items() if f.inner]
 
   def update(params, opt_state, batch: dict, rng: jax.Array, frozen, base, count: jax.Array):
-    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, frozen, base), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r: _loss(config, graphdef, p, b, r, frozen, base, step=count),
+                                 has_aux=True)
     if accum == 1:
       (loss, out), grads = grad_fn(params, batch, rng)
       sums = _metric_sums(loss, out)
@@ -125,7 +128,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, params, first, rng, frozen, base)))
+      shapes = jax.eval_shape(lambda: _metric_sums(*_loss(config, graphdef, params, first, rng, frozen, base,
+                                                          step=count)))
       zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)

@@ -27,16 +27,19 @@ def _small(name: str, **overrides) -> config_lib.Config:
 
 
 def test_registry_holds_the_objectives():
-  assert objectives.names() == ("pretrain", "sft", "ar", "vrpo", "ar_dpo", "grpo")
-  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True, False, True, False]
-  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False, True, True, True]
-  assert [objectives.get(n).reference for n in objectives.names()] == [False, False, False, True, True, True]
+  assert objectives.names() == ("pretrain", "sft", "ar", "vrpo", "ar_dpo", "grpo", "block_diffusion", "block_sft")
+  assert [objectives.get(n).causal for n in objectives.names()] == [False, False, True, False, True, False, False,
+                                                                     False]
+  assert [objectives.get(n).chat for n in objectives.names()] == [False, True, False, True, True, True, False, True]
+  assert [objectives.get(n).reference for n in objectives.names()] == [False, False, False, True, True, True, False,
+                                                                        False]
+  assert [n for n in objectives.names() if objectives.get(n).blocks] == ["block_diffusion", "block_sft"]
   # only on-policy RL makes its own batches, several updates each, with a reference it can re-sync
   assert [n for n in objectives.names() if objectives.get(n).driver] == ["grpo"]
   assert [n for n in objectives.names() if objectives.get(n).reference_adapters] == ["grpo"]
   c = tiny_config(**{"diffusion.objective": "grpo", "train.seq_len": 300, "grpo.inner_iterations": 3,
                      "grpo.num_generations": 4})
-  assert [objectives.get(n).inner_iterations(c) for n in objectives.names()] == [1, 1, 1, 1, 1, 3]
+  assert [objectives.get(n).inner_iterations(c) for n in objectives.names()] == [1, 1, 1, 1, 1, 3, 1, 1]
   shapes = {k: f.shape(c) for k, f in objectives.get("grpo").batch.items()}
   assert shapes["old_logp"] == (8, 3, 256) and shapes["masked"] == (8, 3, 300) and shapes["advantages"] == (8,)
   assert {k for k, f in objectives.get("grpo").batch.items() if f.inner} == {"masked", "old_logp", "ref_logp"}
@@ -79,7 +82,9 @@ def test_field_metadata_splits_architecture_from_execution():
   assert {"attention_impl", "loss_chunk_size", "remat_policy", "scan_layers", "dtype"} <= set(execution)
   assert {"vocab_size", "d_model", "num_layers", "causal"} <= set(arch)
   assert not set(arch) & set(execution) and "chat" not in arch + execution
-  assert set(arch) | set(execution) | {"chat"} == {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+  # usage fields: what the parameters are for (chat template, block-causal decoding), free to change when fine-tuning
+  fields = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+  assert set(arch) | set(execution) | {"chat", "block_size"} == fields
 
 
 @pytest.mark.parametrize("name", ["pretrain", "sft", "ar"])
@@ -106,7 +111,7 @@ def test_a_new_objective_is_one_registry_entry(monkeypatch, devices):
   as a copy of the initial parameters and stays as it was while the parameters move."""
   pretrain = objectives.get("pretrain")
 
-  def loss(score_fn, batch, rng, *, config, reference):
+  def loss(score_fn, batch, rng, *, config, reference, step):
     policy = pretrain.loss(score_fn, batch, rng, config=config, reference=None)
     frozen = pretrain.loss(reference, batch, rng, config=config, reference=None)
     return policy._replace(loss=policy.loss - frozen.loss, metrics={"reference_loss": frozen.loss})

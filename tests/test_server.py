@@ -283,7 +283,8 @@ class _Tok:
 
 def test_canvas_rounds_max_tokens_up_to_a_bucket_that_takes_the_options():
   class Model:
-    tokenizer, chat, model_config = _Tok(), False, type("C", (), {"max_seq_len": 128})()
+    tokenizer, chat, block_size, model_config = _Tok(), False, 0, type("C", (), {"max_seq_len": 128})()
+    check_options = serving.LoadedModel.check_options
 
     def encode_prompt(self, text, chat=None):
       return [1] + [5] * len(text)
@@ -300,6 +301,14 @@ def test_canvas_rounds_max_tokens_up_to_a_bucket_that_takes_the_options():
   with pytest.raises(api.BadRequest, match="prompt") as e:
     api.parse_completion({"prompt": "x" * 120, "max_tokens": 40}, Model(), cfg)
   assert e.value.field == "prompt"
+  # A block-diffusion model decodes its own blocks, steps per block; the canvas is whole blocks.
+  block_model = Model()
+  block_model.block_size = 8
+  job = api.parse_completion({"prompt": "abc", "max_tokens": 20, "threshold": 0.9}, block_model, cfg)
+  assert (job.cfg.gen_length, job.cfg.steps, job.cfg.block_length, job.cfg.threshold) == (32, 8, 8, 0.9)
+  with pytest.raises(api.BadRequest, match="block_length") as e:
+    api.parse_completion({"prompt": "abc", "max_tokens": 20, "block_length": 4}, block_model, cfg)
+  assert e.value.field == "block_length"
 
 
 def test_choice_result_cuts_at_eos_max_tokens_and_stop_strings():

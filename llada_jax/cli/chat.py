@@ -27,7 +27,8 @@ def main(argv):
   del argv
   model = serving.load(_WORKDIR.value)
   session = serving.ChatSession(model, system=_SYSTEM.value,
-                                **sampling_options.resolve(sampling_flags.values(_SAMPLING)))
+                                **sampling_options.resolve(sampling_flags.values(_SAMPLING),
+                                                          block_size=model.block_size))
   interactive = sys.stdin.isatty()
   while True:
     if interactive:

@@ -59,8 +59,8 @@ def main(argv):
   chat = None if _CHAT.value == "auto" else _CHAT.value == "true"
   if ids is not None and max(ids[0], default=-1) >= model.tokenizer.vocab_size:
     raise ValueError(f"--prompt_ids holds ids outside the vocabulary [0, {model.tokenizer.vocab_size})")
-  results = model.complete(texts, chat=chat, prompt_ids=ids,
-                           **sampling_options.resolve(sampling_flags.values(_SAMPLING)))
+  options = sampling_options.resolve(sampling_flags.values(_SAMPLING), block_size=model.block_size)
+  results = model.complete(texts, chat=chat, prompt_ids=ids, **options)
   for r in results:
     print(f"{r.prompt!r} -> {r.text!r}  ({r.steps} steps)")
     if _SHOW.value:

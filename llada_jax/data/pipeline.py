@@ -47,18 +47,32 @@ def _only_tokens(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"tokens": example["tokens"]}
 
 
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """int32, tokens' shape: the index of the packed document each token belongs to within its row, a
+  document ending at (and including) its EOS. Example: [a, b, EOS, c, EOS, d] -> [0, 0, 0, 1, 1, 2]."""
+  eos = (tokens == eos_id).astype(np.int32)
+  return (np.cumsum(eos, axis=-1) - eos).astype(np.int32)
+
+
+def _with_segments(example: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
+  return {"tokens": example["tokens"], "segments": document_ids(example["tokens"], eos_id)}
+
+
 def packed_dataset(documents: Sequence[Any], encode, *, eos_id: int, seq_len: int, batch_size: int,
-                   seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                   seed: int, process_index: int = 0, process_count: int = 1,
+                   segments: bool = False) -> grain.IterDataset:
   """An endless, seeded, host-sharded dataset of {'tokens': int32 [batch_size, seq_len]} batches.
 
   `documents` is any random-access sequence of str (tokenized with `encode`) or int arrays (used as
-  they are); each document ends with `eos_id`.
+  they are); each document ends with `eos_id`. `segments`: batches also hold 'segments', each token's
+  document within its row (`document_ids`), for attention that stays inside a document.
   """
   ds = grain.MapDataset.source(documents)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.map(functools.partial(_to_ids, encode=encode, eos_id=eos_id))
   ds = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
-  return _JsonRestorable(ds).map(_only_tokens).batch(batch_size, drop_remainder=True)
+  rows = functools.partial(_with_segments, eos_id=eos_id) if segments else _only_tokens
+  return _JsonRestorable(ds).map(rows).batch(batch_size, drop_remainder=True)
 
 
 class _JsonRestorable(grain.IterDataset):
@@ -313,7 +327,7 @@ def preference_eval_batches(config: Config, tok, *, process_index: int | None = 
   return _first_batches(ds, t.eval_batches)
 
 
-def packed_training_data(config: Config, workdir: str, *, process_index: int | None = None,
+def packed_training_data(config: Config, workdir: str, *, segments: bool = False, process_index: int | None = None,
                          process_count: int | None = None) -> TrainingData:
   """Pre-training (and the causal baseline): documents packed into `seq_len` rows; field tokens."""
   d, t = config.data, config.train
@@ -340,12 +354,12 @@ def packed_training_data(config: Config, workdir: str, *, process_index: int | N
   else:
     prompts = _doc_prompts(documents, tok, t.num_samples)
   ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
-                      seed=d.shuffle_seed, process_index=pi, process_count=pc)
+                      seed=d.shuffle_seed, process_index=pi, process_count=pc, segments=segments)
   return TrainingData(tok, iter(_maybe_prefetch(ds, d.mp_prefetch_workers)),
                       f"pre-training data: {len(documents)} documents ({d.source})", entropy, prompts)
 
 
-def packed_eval_batches(config: Config, tok, *, process_index: int | None = None,
+def packed_eval_batches(config: Config, tok, *, segments: bool = False, process_index: int | None = None,
                         process_count: int | None = None) -> list[dict[str, np.ndarray]]:
   d, t = config.data, config.train
   _check_pretraining_source(d)
@@ -358,7 +372,7 @@ def packed_eval_batches(config: Config, tok, *, process_index: int | None = None
   else:
     documents = sources.make_source(dataclasses.replace(d, paths=d.eval_paths))
   ds = packed_dataset(documents, tok.encode, eos_id=tok.eos_id, seq_len=t.seq_len, batch_size=batch,
-                      seed=0, process_index=pi, process_count=pc)
+                      seed=0, process_index=pi, process_count=pc, segments=segments)
   return _first_batches(ds, t.eval_batches)
 
 

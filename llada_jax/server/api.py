@@ -177,15 +177,15 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 def _canvas(max_tokens: int, given: dict[str, Any], buckets: Sequence[int], fits,
-            prompt_field: str) -> sampling.SamplingConfig:
+            prompt_field: str, block_size: int = 0) -> sampling.SamplingConfig:
   """The sampler's options for a `max_tokens` budget (module docstring): each candidate canvas through
   `sampling_options.resolve` (which derives unset steps / block_length, and rounds a budget up to whole
   blocks), the first that `fits` (raises errors.OptionError otherwise); the exact canvas's error, in the
   request's field names, if none does."""
   block = given.get("block_length")
-  candidates = [sampling_options.resolve({**given, "gen_length": b}) for b in buckets
+  candidates = [sampling_options.resolve({**given, "gen_length": b}, block_size=block_size) for b in buckets
                 if b >= max_tokens and (not block or b % block == 0)]  # block 0 is refused by `fits`
-  candidates.append(sampling_options.resolve(given, budget=max_tokens))
+  candidates.append(sampling_options.resolve(given, budget=max_tokens, block_size=block_size))
   for k, options in enumerate(candidates):
     cfg = sampling.SamplingConfig(**{name: v for name, v in options.items() if name != "seed"})
     try:
@@ -226,8 +226,8 @@ def _job(kind: str, body: Mapping[str, Any], prompts: list[list[int]], prompt_fi
     raise BadRequest("stream_options", "'stream_options' may only hold 'include_usage' (true or false)")
   L = model.model_config.max_seq_len
   shortest, longest = min(map(len, prompts)), max(map(len, prompts))
-  fits = lambda cfg: cfg.validate(shortest, L, longest)
-  cfg = _canvas(max_tokens, option_values, server.buckets(L)[1], fits, prompt_field)
+  fits = lambda cfg: model.check_options(cfg, shortest, longest)
+  cfg = _canvas(max_tokens, option_values, server.buckets(L)[1], fits, prompt_field, model.block_size)
   return Job(kind, prompts, n, options["seed"], cfg, max_tokens, _stop(body.get("stop")), stream,
              bool((stream_options or {}).get("include_usage", False)))
 

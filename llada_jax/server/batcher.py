@@ -202,7 +202,9 @@ class Batcher:
   def _shape(self, rows: list[_Row], cfg) -> tuple[int, int]:
     """(prompt width, padded row count) of a batch: the buckets that hold it."""
     longest = max(len(r.ticket.job.row_prompt(r.choice)) for r in rows)
-    room = self.model.model_config.max_seq_len - cfg.gen_length  # >= longest: api checked each prompt
+    L, bs = self.model.model_config.max_seq_len, self.model.block_size
+    room = (L // bs * bs if bs else L) - cfg.gen_length  # >= longest: api checked each prompt (a block model's
+    # canvas is whole blocks: prompt width + gen_length rounded up must stay within max_seq_len)
     width = min(next((b for b in self.prompt_buckets if b >= longest), longest), room)
     return width, min(1 << (len(rows) - 1).bit_length(), self.config.max_batch)
 
