@@ -6,12 +6,16 @@
 
 Random weights of the configured shape (no checkpoint needed). Modes: plain (the official schedule,
 `steps = gen_length`), +threshold (Fast-dLLM tau=0.9), +prefix cache, +dual cache (both with the
-threshold off, so steps are fixed and ms/step compares like with like). Beside each row: the
+threshold off, so steps are fixed and ms/step compares like with like), and the block-diffusion
+sampler (`blocks`: the same weights as a block model of `--block_length`, `sampling.generate_blocks`:
+the prompt prefilled, each block decoded against the exact cache of the completed ones, one token per
+step). Beside each row: the
 weight-streaming floor (parameter bytes / memory bandwidth, one read of the weights per step) and the
 compute floor (model FLOPs of one step / peak FLOP/s). On a GPU/TPU both ceilings are measured first
 (benchmarks/ceilings.py: copy bandwidth, bf16 matmul rate); elsewhere the spec sheet's, if known.
 """
 
+import dataclasses
 import json
 import time
 
@@ -31,7 +35,7 @@ _PROMPT = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens.")
 _BLOCK = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per row (after one compile run).")
 _BF16 = flags.DEFINE_bool("bf16_params", False, "Cast parameters to bfloat16 (inference).")
-_MODES = flags.DEFINE_list("modes", ["plain", "threshold", "prefix", "dual"], "Modes to run.")
+_MODES = flags.DEFINE_list("modes", ["plain", "threshold", "prefix", "dual", "blocks"], "Modes to run.")
 _ROWS = flags.DEFINE_list("rows", None, "MODE:BATCH pairs to run instead of every mode at every batch size, "
                           "e.g. plain:1,dual:1,dual:8.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows (and the header facts) to this JSON file.")
@@ -43,7 +47,7 @@ _PROFILE_ROWS = flags.DEFINE_list("profile_rows", [], "MODE:BATCH rows to trace 
 BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100": 3.35e12, "NVIDIA A100": 2.0e12, "TPU v5p": 2.76e12,
              "TPU v5 lite": 0.82e12, "TPU v5e": 0.82e12, "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12, "TPU v4": 1.2e12}
 MODES = {"plain": {}, "threshold": {"threshold": 0.9}, "prefix": {"kv_cache": "prefix"},
-         "dual": {"kv_cache": "dual"}}
+         "dual": {"kv_cache": "dual"}, "blocks": {}}
 
 
 def _lookup(table, device):
@@ -58,6 +62,7 @@ def main(argv):
   cfg = config_lib.from_config_dict(_CONFIG.value).model
   device = jax.devices()[0]
   graphdef, _ = model.abstract_model(cfg)
+  block_graphdef, _ = model.abstract_model(dataclasses.replace(cfg, block_size=_BLOCK.value))  # same parameters
   params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(0))
   if _BF16.value:
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -84,6 +89,10 @@ def main(argv):
         opts = dict(gen_length=gen, steps=gen, block_length=min(_BLOCK.value, gen), **MODES[mode])
         run = lambda: sampling.generate(graphdef, params, prompt, valid, mask_id=4, eos_id=1,
                                         max_seq_len=seq, **opts)
+        if mode == "blocks":  # steps per block; the canvas is whole blocks
+          opts.update(steps=_BLOCK.value, block_length=_BLOCK.value)
+          run = lambda: sampling.generate_blocks(block_graphdef, params, prompt, valid, block_size=_BLOCK.value,
+                                                 mask_id=4, eos_id=1, **opts)
         jax.block_until_ready(run())  # compile
         times, steps = [], 0
         for _ in range(_REPEATS.value):

@@ -674,11 +674,12 @@ class Config:
       _fail("model.block_size", f"{'> 0' if objective.blocks else '0'} for diffusion.objective={objective.name!r} "
             f"(block-causal models train with {blocky})", m.block_size)
     if objective.blocks:
-      for size in self.block.sizes(m.block_size):
-        if t.seq_len % size:
-          where = "model.block_size" if size == m.block_size else "block.schedule"
-          _fail(where, f"block sizes that divide train.seq_len={t.seq_len} (a row is whole blocks)",
-                m.block_size if where == "model.block_size" else self.block.schedule)
+      if t.seq_len % m.block_size:
+        _fail("model.block_size", f"a divisor of train.seq_len={t.seq_len} (a training row is whole blocks)",
+              m.block_size)
+      if any(t.seq_len % size for size in self.block.sizes(m.block_size)):
+        _fail("block.schedule", f"stages whose block sizes divide train.seq_len={t.seq_len} (a training row is "
+              "whole blocks)", self.block.schedule)
     ffn_targets = [x for x in self.lora.targets if x.startswith("ff_")]
     if self.lora.enabled and m.moe and ffn_targets:
       _fail("lora.targets", f"attention projections only on a mixture-of-experts model (model.num_experts="

@@ -414,7 +414,7 @@ class Window(NamedTuple):
   max_steps: int
   refresh: bool = False
   exact: bool = False     # block model: read the exact cache of the blocks before `start` (nothing after the
-                          # window), then append the window's final keys/values to it
+                          # window); the first step also writes the previous block's keys/values into it
   post_steps: int = 0     # token editing: steps allowed once the span is full, while edits still fire
 
 
@@ -569,9 +569,8 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
     first, cache = state.step, None
     state = state._replace(edits=jnp.int32(0), post=jnp.int32(0))
     if w.exact:
-      state, exact = _exact_window(state, w, exact, logits_of, commit, valid_BL, mask_id=mask_id,
-                                   last=n == len(windows) - 1, decide=functools.partial(
-                                       block_decide, first=first) if block_decide else None)
+      state, exact = _exact_window(state, w, exact, logits_of, commit, valid_BL, mask_id=mask_id, pending=n > 0,
+                                   decide=functools.partial(block_decide, first=first))
       continue
     if w.refresh:
       logits, cache = logits_of(state.x_BL, return_cache=True)
@@ -606,18 +605,40 @@ def _prefill(graphdef, params, x_BL, valid_BL, windows: Sequence[Window]):
   return jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (L,) + a.shape[3:], a.dtype), shape)
 
 
-def _exact_window(state: DecodeState, w: Window, exact, logits_of, commit, valid_BL, *, mask_id: int, last: bool,
-                  decide):
+def _exact_window(state: DecodeState, w: Window, exact, logits_of, commit, valid_BL, *, mask_id: int,
+                  pending: bool, decide):
   """One block of a block model: `while` it holds a mask (or, editing, its last step re-wrote something and
   fewer than `w.post_steps` steps ran on the full block), one model call of the block's tokens against the
-  cache cut to the blocks before it, then one commit. Then the block's final tokens run once more, and their
-  keys/values (exact now: the block is final) are written into the cache for the blocks after it."""
+  exact cache cut to the blocks before it, then one commit.
+
+  `pending`: the previous block is final but not yet in the cache. Its keys/values then come with this
+  block's first step: that call runs both blocks (the previous one sees only itself and the cache, by the
+  block-causal mask, so its keys/values are exact) and its second half's logits make the step. A block with
+  no mask (its row stopped at EOS, and so did every row) runs no call at all."""
   end = w.start + w.width
-  cache = jax.tree.map(lambda c: c[:, :, :end], exact)  # nothing after the block: it is never seen
   key_valid = valid_BL[:, :end]
   block = lambda s: jax.lax.dynamic_slice_in_dim(s.x_BL, w.start, w.width, axis=1)
+  first = state.step
 
-  def is_open(s, first=state.step):
+  def cut(c):  # nothing after the block: it is never seen
+    return jax.tree.map(lambda a: a[:, :, :end], c)
+
+  if pending:
+    lo = w.start - w.width
+
+    def both_blocks(carry):
+      s, cache = carry
+      x_BW = jax.lax.dynamic_slice_in_dim(s.x_BL, lo, 2 * w.width, axis=1)
+      logits, fresh = logits_of(x_BW, start=lo, cache=cut(cache), key_valid=key_valid, return_cache=True)
+      cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f[:, :, :w.width].astype(c.dtype),
+                                                                            lo, axis=2), cache, fresh)
+      return commit(s, logits.window(w.width, w.width), w, decide=decide), cache
+
+    state, exact = jax.lax.cond(jnp.any(block(state) == mask_id), both_blocks, lambda carry: carry,
+                                (state, exact))
+  cache = cut(exact)
+
+  def is_open(s):
     masked = jnp.any(block(s) == mask_id)
     editing = (s.edits > 0) & (s.post < w.post_steps)
     return (s.step - first < w.max_steps) & (masked | editing)
@@ -626,18 +647,7 @@ def _exact_window(state: DecodeState, w: Window, exact, logits_of, commit, valid
     logits = logits_of(block(s), start=w.start, cache=cache, key_valid=key_valid)[0]
     return commit(s, logits, w, decide=decide)
 
-  state = jax.lax.while_loop(is_open, step, state)
-  if last:
-    return state, exact
-
-  def append(x_BW):
-    fresh = logits_of(x_BW, start=w.start, cache=cache, key_valid=key_valid, return_cache=True)[1]
-    return jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f.astype(c.dtype), w.start, axis=2),
-                        exact, fresh)
-
-  # Rows that all stopped (EOS) leave no mask after the block: the later blocks never run, skip the pass.
-  more = jnp.any(state.x_BL[:, end:] == mask_id)
-  return state, jax.lax.cond(more, append, lambda _: exact, block(state))
+  return jax.lax.while_loop(is_open, step, state), exact
 
 
 # --- Samplers: what to decode, in which windows ---------------------------------------------------------
@@ -720,8 +730,9 @@ def generate_blocks(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, p
 
   The canvas is whole blocks from position 0: the left-padded prompt, then masks up to gen_length rounded
   up to a block. The prompt's whole blocks are prefilled into an exact KV cache in one pass; each later
-  block is decoded against the cache of the completed blocks only (never the masks after it), then its
-  final keys/values join the cache (block-causal attention means later blocks never change them). Inside
+  block is decoded against the cache of the completed blocks only (never the masks after it); a finished
+  block's keys/values join the cache with the next block's first step, one call over both blocks
+  (block-causal attention means later blocks never change them). Inside
   a block a step commits every masked position whose confidence exceeds `threshold`, or, when fewer
   qualify, the top-k by confidence with k from the even schedule `transfer_schedule(block_size, steps)`
   (`steps` per block; without a threshold: exactly that schedule). `early_exit` stops a row at EOS.

@@ -509,13 +509,16 @@ def print_samples(config: Config, summary: dict[str, Any]) -> list[tuple[str, st
 def sample_completions(config: Config, s: Setup, params: Any, tok,
                        prompts: list[tuple[str, list[int]]]) -> list[tuple[str, str]]:
   """Completes (shown text, token ids) prompts with the reverse process (the causal baseline left to
-  right: serving dispatches on model.causal), `train.sample_length` tokens in `train.sample_steps`."""
+  right: serving dispatches on model.causal), `train.sample_length` tokens in `train.sample_steps`; a
+  block-diffusion model decodes its own blocks, one token per step (`sampling.generate_blocks`)."""
   if not prompts:
     return []
   loaded = serving.LoadedModel.from_params(config.model, s.graphdef,
                                            jax.device_put(params, sharding.replicated(s.mesh)), tok,
                                            mask_id=config.diffusion.mask_token_id, step=config.train.num_steps)
-  completions = loaded.complete([shown for shown, _ in prompts], prompt_ids=[ids for _, ids in prompts],
-                                gen_length=config.train.sample_length, steps=config.train.sample_steps,
-                                block_length=config.train.sample_length)
+  t = config.train
+  options = dict(gen_length=t.sample_length)
+  if not config.model.block_size:
+    options.update(steps=t.sample_steps, block_length=t.sample_length)
+  completions = loaded.complete([shown for shown, _ in prompts], prompt_ids=[ids for _, ids in prompts], **options)
   return [(c.prompt, c.text) for c in completions]

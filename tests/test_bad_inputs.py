@@ -91,6 +91,12 @@ CASES = [
          "'model.experts_per_token'", "an integer in [1, 8]"),
     Case("config_expert_axis_without_ep", "config value", ("llada-train", MOE_TINY, RUN, "--config.mesh.expert=2"),
          "'mesh.expert'", "only 'fsdp_ep' splits over 'expert'"),
+    Case("config_block_size_not_dividing_rows", "config value",
+         (*TRAIN, "--config.diffusion.objective=block_diffusion", "--config.model.block_size=5"),
+         "'model.block_size'", "a divisor of train.seq_len=32"),
+    Case("config_block_size_over_max", "config value",
+         (*TRAIN, "--config.diffusion.objective=block_diffusion", "--config.model.block_size=5000"),
+         "'model.block_size'", "an integer in [0, 4096]"),
     # Config files: a file of your own with a mistake the command line would not let through.
     Case("config_file_wrong_type", "config file", ("llada-train", "--config={CONFIG_WRONG_TYPE}", RUN),
          "'train.num_steps'", "an integer >= 1; got 'ten'"),

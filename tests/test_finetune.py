@@ -102,3 +102,36 @@ def test_user_files_pretrain_then_jsonl_sft_with_two_config_files(tmp_path):
   bad = _cli(f"--config={REPO}/configs/pretrain_text.py:tiny", f"--workdir={tmp_path / 'bad'}",
              f"--config.data.paths=('{tmp_path}/nothing*.txt',)")
   assert bad.returncode == 1 and "nothing*.txt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_block_sft_continues_a_pure_checkpoint_and_every_entry_point_samples_it(pretrained_workdir, tmp_path,
+                                                                                   devices):
+  """A pure-diffusion checkpoint continued as a block model (init_from; a block-size schedule 4 -> 8), then
+  served: `complete` runs `generate_blocks`, the harness scores the block-wise ELBO."""
+  from llada_jax import harness, sampling, sampling_options
+  c = default.get_config("tiny")
+  c.train.update(seq_len=64, num_steps=2, num_samples=1, eval_every=2, eval_batches=1)
+  c.block.schedule = ((4, 1),)
+  cfg = config_lib.from_config_dict(default.block(c, block_size=8, init_from=pretrained_workdir, sft=True))
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "block"))
+  assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+  # It starts from the pure model's parameters: the block size shapes none of them.
+  pure = serving.load(pretrained_workdir)
+  loaded = serving.load(str(tmp_path / "block"))
+  assert loaded.block_size == 8 and pure.block_size == 0 and loaded.chat
+  prompt = loaded.encode_prompt("what is 3 plus 4?")
+  options = sampling_options.resolve({"gen_length": 12, "threshold": 0.9}, block_size=loaded.block_size)
+  assert (options["steps"], options["block_length"]) == (8, 8)
+  got = loaded.complete([], prompt_ids=[prompt], **options)[0]
+  tokens, valid = sampling.left_pad([prompt], loaded.tokenizer.pad_id)
+  want = sampling.generate_blocks(loaded.graphdef, loaded.params, tokens, valid, block_size=8,
+                                  mask_id=loaded.mask_id, eos_id=loaded.tokenizer.eos_id,
+                                  eot_id=loaded.tokenizer.piece_to_id("<|eot_id|>"), rng=jax.random.key(0),
+                                  gen_length=12, steps=8, block_length=8, threshold=0.9)
+  assert got.raw_ids == np.asarray(want.tokens_BL)[0, len(prompt):].tolist() and len(got.raw_ids) == 12
+  with pytest.raises(ValueError, match="block_length"):
+    loaded.complete([], prompt_ids=[prompt], gen_length=12, block_length=4)
+  lm = harness.LladaLM(model=loaded, mc_num=4, batch_size=4)
+  assert lm.scorer.blocks
+  (score, _), = lm.loglikelihood([type("R", (), {"args": ("what is 3 plus 4?", " 7")})()])
+  assert np.isfinite(score) and score < 0
