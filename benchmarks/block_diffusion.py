@@ -14,8 +14,9 @@ LLaDA2.0's threshold (`--threshold`).
 Speed: ms per generated token at `--gen_length` (256) after a held-out question, batch `--batch_size`,
 median of `--repeats` timed runs after one compiling run: the pure model as the release samples it
 (steps = gen_length, semi-autoregressive blocks of 32) and with Fast-dLLM (threshold 0.9 + dual cache),
-the block model one token per step and with the threshold (its cache is exact, always on). Rows stop at
-EOS where the sampler can (`early_exit`), so the columns also give the steps each setting took.
+the block model one token per step and with the threshold (its cache is exact, always on). Twice: every
+one of the gen_length positions decoded, and stopping a row at EOS (`early_exit`: the rest is filled
+with EOS), with the steps each setting took.
 """
 
 import json
@@ -89,7 +90,7 @@ def main(argv):
   print(f"device {jax.devices()[0].device_kind}; block size {bs}; {len(problems)} held-out problems, answers of "
         f"{n} tokens; speed at gen_length {g}, batch {_BATCH.value}")
   rows = [
-      ("pure", pure, "release: 1 token/step, one block", dict(gen_length=n, steps=n, block_length=n),
+      ("pure", pure, "release, 1 token/step", dict(gen_length=n, steps=n, block_length=n),
        dict(gen_length=g, steps=g, block_length=32, early_exit=True)),
       ("pure", pure, "Fast-dLLM: threshold 0.9, dual cache", dict(gen_length=n, steps=n, block_length=n,
                                                                    threshold=0.9),
@@ -99,16 +100,18 @@ def main(argv):
        dict(gen_length=g, threshold=_THRESHOLD.value, early_exit=True)),
   ]
   question = tasks.question_of(tasks.to_prompt_record(problems[0], prompt_field="prompt", answer_field="answer"))
-  print("| model | eval bound (step) | sampler | accuracy | format | ms/token @ gen "
-        f"{g} | steps/row @ gen {g} |")
+  print(f"| model | eval bound (step) | sampler | accuracy | format | ms/token @ gen {g} (steps) | "
+        "same, stopping at EOS (steps) |")
   print("|---|---|---|---|---|---|---|")
   for name, model, label, acc_options, speed_options in rows:
     step, bound = last_bound(_PURE.value if name == "pure" else _BLOCK.value)
     correct, fmt, _ = accuracy(model, problems, sampling_options.resolve(acc_options, block_size=model.block_size))
-    ms, steps = speed(model, model.encode_prompt(question), sampling_options.resolve(
-        speed_options, block_size=model.block_size))
-    print(f"| {name} | {bound:.3f} ({step}) | {label} | {correct:.3f} | {fmt:.3f} | {ms:.3f} | {steps:.0f} |",
-          flush=True)
+    prompt = model.encode_prompt(question)
+    full = speed(model, prompt, sampling_options.resolve({**speed_options, "early_exit": False},
+                                                         block_size=model.block_size))
+    stop = speed(model, prompt, sampling_options.resolve(speed_options, block_size=model.block_size))
+    print(f"| {name} | {bound:.3f} ({step}) | {label} | {correct:.3f} | {fmt:.3f} | {full[0]:.3f} ({full[1]:.0f}) | "
+          f"{stop[0]:.3f} ({stop[1]:.0f}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -537,10 +537,10 @@ def _decode(graphdef, params, x_BL, valid_BL, rng, *, cfg: SamplingConfig, P: in
   `while` the window is open, one model call on the window and one `_commit`.
 
   `x_BL` holds mask_id wherever something is to be decoded; positions before `P` are the prompt (what
-  guidance hides, where blocks start counting, never EOS for early exit). `exact` windows (a block model)
-  decode each block against the exact cache of the blocks before it (`_prefill`, `_exact_window`), with
-  `schedule` the transfer counts of one block's steps. `schedule` gives each step's
-  transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`). `rng`: one key,
+  guidance hides, where blocks start counting, never EOS for early exit). `schedule` gives each step's
+  transfer count, [steps_per_block] or per row [steps_per_block, B, 1] (see `_decide`). `exact` windows
+  (a block model) decode each block against the exact cache of the blocks before it (`_prefill`,
+  `_exact_window`) with `_decide_block`, `schedule` being one block's. `rng`: one key,
   or one per row (`row_keys`). `observe(step, x_BL)`, if given, runs on the host after every step (a
   `jax.debug.callback`, in step order) with the step's index and the sequence it left: how a server
   streams the answer filling in.
@@ -732,8 +732,8 @@ def generate_blocks(graphdef: nnx.GraphDef, params: Any, prompt_BP: jax.Array, p
   up to a block. The prompt's whole blocks are prefilled into an exact KV cache in one pass; each later
   block is decoded against the cache of the completed blocks only (never the masks after it); a finished
   block's keys/values join the cache with the next block's first step, one call over both blocks
-  (block-causal attention means later blocks never change them). Inside
-  a block a step commits every masked position whose confidence exceeds `threshold`, or, when fewer
+  (block-causal attention means later blocks never change them). Inside a block a step commits every
+  masked position whose confidence exceeds `threshold`, or, when fewer
   qualify, the top-k by confidence with k from the even schedule `transfer_schedule(block_size, steps)`
   (`steps` per block; without a threshold: exactly that schedule). `early_exit` stops a row at EOS.
   `tau_edit` (LLaDA2.1 token editing) also re-writes filled non-prompt positions of the current block whose
