@@ -168,6 +168,10 @@ class ModelConfig:
     _check_float(s, "moe_aux_loss_weight", self.moe_aux_loss_weight, 0.0, 1000.0)
     _check_float(s, "moe_z_loss_weight", self.moe_z_loss_weight, 0.0, 1000.0)
     _check_int(s, "block_size", self.block_size, 0, self.max_seq_len)
+    if self.block_size and self.attention_impl == "cudnn":
+      _fail(f"{s}.attention_impl", "'xla', 'splash' (TPU) or 'auto' for a block model (model.block_size > 0): jax's "
+            "cuDNN attention takes only causal, padding and window masks, none of them block-causal",
+            self.attention_impl)
     if self.block_size and self.causal:
       _fail(f"{s}.block_size", "0 for the causal baseline (model.causal=True): blocks are for diffusion models",
             self.block_size)

@@ -161,11 +161,14 @@ def test_cudnn_is_refused_for_block_models_and_auto_picks_xla():
     attention.resolve("cudnn", dtype="bfloat16", head_dim=64, backend="gpu", blocks=True)
   assert attention.resolve("auto", dtype="bfloat16", head_dim=64, backend="gpu", blocks=True) == "xla"
   assert attention.resolve("auto", dtype="bfloat16", head_dim=64, backend="gpu") == "cudnn"  # blocks decide
-  # The model refuses it while tracing, before any cuDNN call (this is a CPU).
-  cfg = dataclasses.replace(CFG, attention_impl="cudnn", dtype="bfloat16")
+  # A block model's config refuses it; a call that asks for blocks (block_size=) of a cuDNN model is refused
+  # while tracing, before any cuDNN call (this is a CPU).
+  with pytest.raises(ValueError, match=r"config field 'model\.attention_impl'"):
+    dataclasses.replace(CFG, attention_impl="cudnn", dtype="bfloat16")
+  cfg = dataclasses.replace(CFG, block_size=0, attention_impl="cudnn", dtype="bfloat16")
   graphdef, abstract = model.abstract_model(cfg)
   with pytest.raises(ValueError, match=r"model\.attention_impl='cudnn' cannot express block-causal"):
-    jax.eval_shape(lambda p: model.apply(graphdef, p, jnp.zeros((1, 8), jnp.int32)), abstract)
+    jax.eval_shape(lambda p: model.apply(graphdef, p, jnp.zeros((1, 8), jnp.int32), block_size=BS), abstract)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -704,6 +707,7 @@ def _block_config(block_size, **changes):
     (8, {"block.schedule": ((3, 10),)}, "block.schedule"),     # a stage's size does not divide seq_len
     (0, {}, "model.block_size"),                               # a block objective on a bidirectional model
     (8, {"diffusion.objective": "pretrain"}, "model.block_size"),  # a block model on a non-block objective
+    (8, {"model.attention_impl": "cudnn"}, "model.attention_impl"),  # cuDNN cannot express the block mask
 ])
 def test_bad_block_config_names_the_field_in_one_line(block_size, changes, field):
   with pytest.raises(ValueError) as e:

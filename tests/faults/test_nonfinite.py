@@ -20,8 +20,8 @@ def _poison_steps(monkeypatch, steps):
   that step's batch with a negative token, the patched loss turns a marked batch into NaN."""
   real_loss, real_batch, calls = train._loss, train.global_batch, []
 
-  def loss(config, graphdef, params, batch, rng, *rest):
-    value, out = real_loss(config, graphdef, params, batch, rng, *rest)
+  def loss(config, graphdef, params, batch, rng, *rest, **options):
+    value, out = real_loss(config, graphdef, params, batch, rng, *rest, **options)
     return value * jnp.where(jnp.any(batch["tokens"] < 0), jnp.nan, 1.0), out
 
   def global_batch(s, host_batch):
