@@ -102,8 +102,8 @@ def block_diffusion_objective(score_fn: ScoreFn, rng: jax.Array, *, tokens_BL: j
   positions, as `diffusion.pretrain_loss`. SFT (`prompt_len_B`): the prompt stays clean, each row's valid
   prefix is rounded up to whole blocks (`round_to_blocks`: the EOS padding fills its last block, as
   LLaDA2.0's SFT does) and 'inverse_t' is `diffusion.sft_loss` (per row over its response, averaged over
-  rows). 'mean' averages the CE over the
-  masked tokens of the batch (dFactory's SFT; no 1/t). `segment_BL`: document ids of packed rows.
+  rows). 'mean' averages the CE over the masked tokens of the batch (dFactory's SFT; no 1/t).
+  `segment_BL`: document ids of packed rows.
   `block_size`: an int, or a schedule's `attention.StagedSize`.
 
   Example (weighting 'inverse_t', one row of L = 2, block size 1, p = 0.5, only position 1 masked with
