@@ -58,6 +58,10 @@ class StagedSize(NamedTuple):
   sizes: tuple[int, ...]
   index: Any  # traced int32 scalar
 
+  @property
+  def value(self) -> jax.Array:
+    return jnp.asarray(self.sizes, jnp.int32)[self.index]
+
 
 class Blocks(NamedTuple):
   """The block structure of one attention call (module docstring). Positions and halves are numpy arrays
@@ -79,7 +83,7 @@ class Blocks(NamedTuple):
 
   def table(self, xp=np):
     """bool [T, S]: `block_table` of this call's positions and halves (numpy, or jnp for traced ones)."""
-    size = jnp.asarray(self.size.sizes)[self.size.index] if isinstance(self.size, StagedSize) else self.size
+    size = self.size.value if isinstance(self.size, StagedSize) else self.size
     return block_table(self.q_pos, self.k_pos, self.q_noised, self.k_noised, size=size, xp=xp)
 
 

@@ -60,9 +60,7 @@ def block_noise(rng: jax.Array, *, tokens_BL: jax.Array, maskable_BL: jax.Array,
 
 def size_value(block_size) -> jax.Array | int:
   """The block size as a number: an int, or a schedule's `attention.StagedSize` (sizes[index])."""
-  if hasattr(block_size, "sizes"):
-    return jnp.asarray(block_size.sizes, jnp.int32)[block_size.index]
-  return block_size
+  return block_size.value if hasattr(block_size, "sizes") else block_size
 
 
 def round_to_blocks(valid_BL: jax.Array, block_size) -> jax.Array:

@@ -681,7 +681,7 @@ class Config:
       if t.seq_len % m.block_size:
         _fail("model.block_size", f"a divisor of train.seq_len={t.seq_len} (a training row is whole blocks)",
               m.block_size)
-      if any(t.seq_len % size for size in self.block.sizes(m.block_size)):
+      if any(t.seq_len % size for size, _ in self.block.schedule):
         _fail("block.schedule", f"stages whose block sizes divide train.seq_len={t.seq_len} (a training row is "
               "whole blocks)", self.block.schedule)
     ffn_targets = [x for x in self.lora.targets if x.startswith("ff_")]

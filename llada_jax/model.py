@@ -256,10 +256,11 @@ class Transformer(nnx.Module):
     if cache is not None and cfg.causal:
       raise ValueError("the KV-cache path is for the bidirectional model (model.causal=False)")
     block_size = cfg.block_size if block_size is None else block_size
-    if (noised_half or segment_BT is not None) and not block_size:
-      raise ValueError("noised_half / segment_BT are for block models (model.block_size > 0)")
-    if (noised_half or segment_BT is not None) and (cache is not None or T % 2 and noised_half):
-      raise ValueError(f"noised_half / segment_BT need no cache (and x_t ++ x_0 an even length); got length {T}")
+    if noised_half or segment_BT is not None:
+      if not block_size:
+        raise ValueError("noised_half / segment_BT are for block models (model.block_size > 0)")
+      if cache is not None or (noised_half and T % 2):
+        raise ValueError(f"noised_half / segment_BT need no cache (and x_t ++ x_0 an even length); got length {T}")
     head = None if cfg.tie_embeddings else self.lm_head[...]
     embedding_VD, head_DV = lora_lib.with_tokens(self.embedding[...], head, adapters)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dt)

@@ -62,6 +62,11 @@ def _check_positive(name: str, value: Any) -> None:
     _bad(name, "a positive integer", value)
 
 
+def _check_probability(name: str, value: Any) -> None:
+  if value is not None and not 0 < value <= 1:
+    _bad(name, "in (0, 1] (or None to disable)", value)
+
+
 def _check_fits(prompt_width: int, gen_length: int, max_seq_len: int) -> None:
   """The prompt (its padded width) and the generated positions must fit in the model's sequence."""
   if gen_length >= max_seq_len:
@@ -108,14 +113,10 @@ class SamplingConfig:
       bad("steps", f"a multiple of the number of blocks ({num_blocks} = gen_length / block_length)", self.steps)
     if self.steps > self.gen_length:
       bad("steps", f"at most gen_length={self.gen_length} (a step commits at least one token)", self.steps)
-    if self.remasking not in REMASKING:
-      bad("remasking", f"one of {REMASKING}", self.remasking)
-    if not self.temperature >= 0:
-      bad("temperature", ">= 0", self.temperature)
+    self._check_rule()
     if not self.cfg_scale >= 0:
       bad("cfg_scale", ">= 0", self.cfg_scale)
-    if self.threshold is not None and not 0 < self.threshold <= 1:
-      bad("threshold", "in (0, 1] (or None to disable)", self.threshold)
+    _check_probability("threshold", self.threshold)
     if prompt_length < 1:
       bad("prompt", "at least one token long", prompt_length)
     width = prompt_length if padded_length is None else padded_length
@@ -125,6 +126,13 @@ class SamplingConfig:
     if self.tau_edit is not None:
       bad("tau_edit", "None for a bidirectional model (token editing is for block-diffusion models, "
           "model.block_size > 0)", self.tau_edit)
+
+  def _check_rule(self) -> None:
+    """The checks of the commit rule's options that both samplers share."""
+    if self.remasking not in REMASKING:
+      _bad("remasking", f"one of {REMASKING}", self.remasking)
+    if not self.temperature >= 0:
+      _bad("temperature", ">= 0", self.temperature)
 
   def validate_blocks(self, block_size: int, prompt_length: int, max_seq_len: int,
                       padded_length: int | None = None) -> None:
@@ -142,18 +150,13 @@ class SamplingConfig:
     if self.steps > block_size:
       bad("steps", f"at most the block size {block_size} (a block model's steps are per block; each commits "
           "at least one token)", self.steps)
-    if self.remasking not in REMASKING:
-      bad("remasking", f"one of {REMASKING}", self.remasking)
-    if not self.temperature >= 0:
-      bad("temperature", ">= 0", self.temperature)
+    self._check_rule()
     if self.cfg_scale:
       bad("cfg_scale", "0 for a block-diffusion model (guidance is not implemented for its sampler)", self.cfg_scale)
     if self.kv_cache != "none":
       bad("kv_cache", "'none' for a block-diffusion model (its KV cache is exact and always on)", self.kv_cache)
-    for name in ("threshold", "tau_edit"):
-      value = getattr(self, name)
-      if value is not None and not 0 < value <= 1:
-        bad(name, "in (0, 1] (or None to disable)", value)
+    _check_probability("threshold", self.threshold)
+    _check_probability("tau_edit", self.tau_edit)
     if isinstance(self.max_post_steps, bool) or not isinstance(self.max_post_steps, int) or self.max_post_steps < 0:
       bad("max_post_steps", "an integer >= 0", self.max_post_steps)
     if prompt_length < 1:
@@ -477,11 +480,6 @@ def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_
   def logits_of(x_BW, *, start: int = 0, cache=None, return_cache: bool = False, key_valid=None):
     W = x_BW.shape[1]
     kwargs = {"cache": cache, "offset": start} if cache is not None else {}
-    if key_valid is not None:  # an exact (block) window reads a cache cut to the blocks it may see
-      out = model_lib.apply(graphdef, params, x_BW, key_valid, return_cache=return_cache, return_hidden=True,
-                            **kwargs)
-      (hidden, head), new_cache = out if return_cache else (out, None)
-      return WindowLogits(hidden, head, cfg_scale), new_cache
     kwargs.update(return_cache=return_cache, return_hidden=True)
     if guided:
       # A refresh pass hides the prompt in the unconditional half, so that half of the cache holds the
@@ -489,7 +487,8 @@ def _model_logits(graphdef, params, valid_BL, *, P: int, cfg_scale: float, mask_
       uncond_BW = diffusion.unconditional_tokens(x_BW, prompt_BL=(start + jnp.arange(W) < P)[None, :],
                                                  mask_id=mask_id)
       x_BW = jnp.concatenate([x_BW, uncond_BW])
-    out = model_lib.apply(graphdef, params, x_BW, valid_in, **kwargs)
+    # An exact (block) window reads a cache cut to the blocks it may see (never under guidance).
+    out = model_lib.apply(graphdef, params, x_BW, valid_in if key_valid is None else key_valid, **kwargs)
     (hidden, head), new_cache = out if return_cache else (out, None)
     return WindowLogits(hidden, head, cfg_scale), new_cache
 

@@ -148,11 +148,11 @@ def resolve(options: Mapping[str, Any], *, budget: int | None = None, block_size
   """
   out = parse(options)
   unset = lambda name, derived: derived if out[name] is None else out[name]  # 0 is a value (refused later)
-  if block_size:
-    out.update(gen_length=unset("gen_length", budget or DEFAULT_GEN_LENGTH),
-               block_length=unset("block_length", block_size), steps=unset("steps", block_size))
-    return out
   gen_length = unset("gen_length", budget or DEFAULT_GEN_LENGTH)
+  if block_size:
+    out.update(gen_length=gen_length, block_length=unset("block_length", block_size),
+               steps=unset("steps", block_size))
+    return out
   block_length = unset("block_length", gen_length)
   if budget is not None and block_length > 0:
     gen_length = -(-gen_length // block_length) * block_length

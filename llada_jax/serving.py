@@ -108,7 +108,6 @@ class LoadedModel:
                                              mask_id=self.mask_id,
                                              **_causal_options(options), **common)
     if self.block_size:  # the model's own blocks, steps per block, unless the caller says otherwise
-      options = {"block_length": self.block_size, "steps": self.block_size, **options}
       return sampling.generate_blocks(self.graphdef, self.params, tokens, valid, block_size=self.block_size,
                                       mask_id=self.mask_id, observe=observe, **options, **common)
     return sampling.generate(self.graphdef, self.params, tokens, valid,
